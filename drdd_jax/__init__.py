@@ -1,0 +1,1 @@
+"""DRDD (Decoupled Residual Denoising Diffusion) in JAX/Flax."""

@@ -1,0 +1,319 @@
+"""The denoising UNet shared by both DRDD objectives (NHWC, Flax linen).
+
+The architecture follows the release's residual network: a 7x7 stem,
+`len(channel_mults)` levels of weight-standardized ResNet blocks with
+time-embedding scale/shift and linear attention, full attention in the middle,
+pixel-unshuffle downsampling and nearest-neighbour upsampling.
+
+Why linen rather than nnx: the train state, its EMA and its shardings are plain
+pytrees of parameters that `jit`, `optax`, Orbax and `NamedSharding` consume
+directly; there is no split/merge of module state on every step, and `apply`
+is a pure function of `(params, inputs)`, which is what the jitted train step,
+the `lax.scan` sampler and the oracle tests all want.
+"""
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# torch's default conv/linear init (kaiming_uniform with a=sqrt(5)).
+_torch_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+Dtype = Any
+
+
+def _conv(features, kernel, dtype, use_bias=True, name=None):
+  return nn.Conv(features, (kernel, kernel), padding='SAME', use_bias=use_bias,
+                 dtype=dtype, kernel_init=_torch_init, name=name)
+
+
+class WSConv(nn.Module):
+  """3x3 convolution with weight standardization (per output channel)."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('kernel', _torch_init, (3, 3, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    mean = w.mean(axis=(0, 1, 2), keepdims=True)
+    var = w.var(axis=(0, 1, 2), keepdims=True)
+    w = (w - mean) * jax.lax.rsqrt(var + 1e-5)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), w.astype(self.dtype), (1, 1), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + bias.astype(self.dtype)
+
+
+class ResBlock(nn.Module):
+  """Two WSConv-GroupNorm-SiLU blocks; the time embedding scales and shifts."""
+  features: int
+  groups: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb):
+    ss = nn.Dense(2 * self.features, dtype=self.dtype, kernel_init=_torch_init)(
+        nn.silu(temb))
+    scale, shift = jnp.split(ss[:, None, None, :], 2, axis=-1)
+    h = WSConv(self.features, self.dtype)(x)
+    h = nn.GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype)(h)
+    h = nn.silu(h * (scale + 1) + shift)
+    h = WSConv(self.features, self.dtype)(h)
+    h = nn.silu(nn.GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype)(h))
+    if x.shape[-1] != self.features:
+      x = _conv(self.features, 1, self.dtype)(x)
+    return h + x
+
+
+def _qkv(x, heads, head_dim, dtype):
+  """Pre-normalized q, k, v of shape [B, H*W, heads, head_dim]."""
+  h = nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=dtype)(x)
+  qkv = _conv(3 * heads * head_dim, 1, dtype, use_bias=False)(h)
+  qkv = qkv.reshape(x.shape[0], -1, 3, heads, head_dim)
+  return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+class LinearAttention(nn.Module):
+  """Residual pre-norm linear attention: cost linear in the pixel count."""
+  heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    q, k, v = _qkv(x, self.heads, self.head_dim, self.dtype)
+    # Softmax statistics in float32 even under bf16 compute.
+    q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * self.head_dim**-0.5
+    k = jax.nn.softmax(k.astype(jnp.float32), axis=1)
+    context = jnp.einsum('bnhd,bnhe->bhde', k.astype(self.dtype), v)
+    out = jnp.einsum('bhde,bnhd->bnhe', context, q.astype(self.dtype))
+    out = out.reshape(x.shape[:-1] + (-1,))
+    out = _conv(x.shape[-1], 1, self.dtype)(out)
+    return x + nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=self.dtype)(out)
+
+
+class Attention(nn.Module):
+  """Residual pre-norm full softmax attention (fused dot_product_attention)."""
+  heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    q, k, v = _qkv(x, self.heads, self.head_dim, self.dtype)
+    out = jax.nn.dot_product_attention(q, k, v)
+    out = out.reshape(x.shape[:-1] + (-1,))
+    return x + _conv(x.shape[-1], 1, self.dtype)(out)
+
+
+def _pixel_unshuffle(x):
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // 2, w // 2, 4 * c)
+
+
+def timestep_embedding(t, dim: int):
+  """Sinusoidal embedding of continuous times t [B] -> [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000) / (half - 1) * jnp.arange(half))
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class UNet(nn.Module):
+  """UNet: (x_t, condition, time[, phase]) -> prediction, any H x W.
+
+  Attributes:
+    out_channels: 3 (DRDD: one target per phase) or 6 (RDDM: r and eps).
+    base_channels: width of the first level; the time MLP is 4x this.
+    channel_mults: width multiplier of each level.
+    num_res_blocks: ResNet blocks per level.
+    groups: GroupNorm groups.
+    attn_heads: attention heads.
+    attn_head_dim: width of one head.
+    num_phases: size of the learned phase embedding added to the time
+      embedding (2 for a network shared by both objectives, 0 for none).
+    dtype: compute dtype; parameters stay float32.
+    remat: rematerialize each ResNet block in the backward pass.
+  """
+  out_channels: int = 3
+  base_channels: int = 64
+  channel_mults: Sequence[int] = (1, 2, 4, 8)
+  num_res_blocks: int = 2
+  groups: int = 8
+  attn_heads: int = 4
+  attn_head_dim: int = 32
+  num_phases: int = 0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @property
+  def size_multiple(self) -> int:
+    """Inputs are reflect-padded to a multiple of this (2^downsamplings)."""
+    return 2 ** (len(self.channel_mults) - 1)
+
+  @nn.compact
+  def __call__(self, x, cond, t, phase=None):
+    """Applies the network.
+
+    Args:
+      x: the diffused image x_t, [B, H, W, 3].
+      cond: the condition (degraded image or zeros), [B, H, W, 3].
+      t: continuous time input, [B] or scalar.
+      phase: phase id(s) (`schedules.NOISE`/`RESIDUAL`), [B] or scalar;
+        required iff `num_phases > 0`.
+
+    Returns:
+      The prediction, float32 [B, H, W, out_channels].
+    """
+    dt = self.dtype
+    batch, height, width, _ = x.shape
+    m = self.size_multiple
+    pad_h, pad_w = -height % m, -width % m
+    h = jnp.concatenate([x, cond], axis=-1)
+    if pad_h or pad_w:
+      h = jnp.pad(h, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode='reflect')
+    h = h.astype(dt)
+
+    base = self.base_channels
+    temb = timestep_embedding(jnp.broadcast_to(t, (batch,)), base)
+    temb = nn.Dense(4 * base, dtype=dt, kernel_init=_torch_init)(temb)
+    temb = nn.Dense(4 * base, dtype=dt, kernel_init=_torch_init)(nn.gelu(
+        temb, approximate=False))
+    if self.num_phases:
+      if phase is None:
+        raise ValueError('This network is shared by both objectives: pass phase.')
+      phase = jnp.broadcast_to(jnp.asarray(phase, jnp.int32), (batch,))
+      temb = temb + nn.Embed(self.num_phases, 4 * base, dtype=dt,
+                             name='phase_embedding')(phase)
+
+    block = nn.remat(ResBlock) if self.remat else ResBlock
+    res = functools.partial(block, groups=self.groups, dtype=dt)
+    lin_attn = functools.partial(LinearAttention, self.attn_heads,
+                                 self.attn_head_dim, dt)
+    dims = [base * mult for mult in self.channel_mults]
+    in_out = list(zip([base] + dims[:-1], dims))
+
+    h = _conv(base, 7, dt)(h)
+    stem = h
+    skips = []
+    for level, (d_in, d_out) in enumerate(in_out):
+      for i in range(self.num_res_blocks):
+        h = res(d_in)(h, temb)
+        if i == self.num_res_blocks - 1:
+          h = lin_attn()(h)
+        skips.append(h)
+      if level < len(in_out) - 1:
+        h = _conv(d_out, 1, dt)(_pixel_unshuffle(h))
+      else:
+        h = _conv(d_out, 3, dt)(h)
+
+    h = res(dims[-1])(h, temb)
+    h = Attention(self.attn_heads, self.attn_head_dim, dt)(h)
+    h = res(dims[-1])(h, temb)
+
+    for level, (d_in, d_out) in reversed(list(enumerate(in_out))):
+      for i in range(self.num_res_blocks):
+        h = res(d_out)(jnp.concatenate([h, skips.pop()], axis=-1), temb)
+      h = lin_attn()(h)
+      if level > 0:
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+      h = _conv(d_in, 3, dt)(h)
+
+    h = res(base)(jnp.concatenate([h, stem], axis=-1), temb)
+    out = _conv(self.out_channels, 1, dt)(h).astype(jnp.float32)
+    return out[:, :height, :width]
+
+
+class DRDDNet(nn.Module):
+  """The DRDD denoiser: one UNet with a phase embedding, or two UNets.
+
+  Attributes:
+    unet: keyword arguments of `UNet` (widths, depth, dtype, ...).
+    shared: one network for both objectives (True) or a noise network and a
+      residual network (False, the release's layout).
+  """
+  unet: dict
+  shared: bool = True
+
+  def setup(self):
+    if self.shared:
+      self.net = UNet(num_phases=2, **self.unet)
+    else:
+      self.noise_net = UNet(**self.unet)
+      self.residual_net = UNet(**self.unet)
+
+  def __call__(self, x, cond, t, phase):
+    """`UNet.__call__`; with separate networks `phase` must be a Python int."""
+    if self.shared:
+      return self.net(x, cond, t, phase)
+    if not isinstance(phase, (int, np.integer)):
+      raise TypeError('With model.shared=False, phase must be a Python int.')
+    return (self.noise_net, self.residual_net)[phase](x, cond, t)
+
+  def init_all(self, x, cond, t):
+    """Touches every sub-network, so `init(..., method='init_all')` builds all."""
+    self(x, cond, t, 0)
+    return self(x, cond, t, 1)
+
+
+def create_model(model_config, method: str = 'drdd',
+                 dtype: Dtype = jnp.float32) -> nn.Module:
+  """Builds the network of a config.
+
+  Args:
+    model_config: the config's `model` group.
+    method: 'drdd' (phase-conditioned denoiser) or 'rddm' (coupled baseline:
+      one UNet predicting r and eps, 6 output channels).
+    dtype: compute dtype.
+
+  Returns:
+    A module called as `model(x, cond, t, phase)` ('rddm' ignores phase).
+  """
+  unet = dict(base_channels=model_config.base_channels,
+              channel_mults=tuple(model_config.channel_mults),
+              num_res_blocks=model_config.num_res_blocks,
+              groups=model_config.groups,
+              attn_heads=model_config.attn_heads,
+              attn_head_dim=model_config.attn_head_dim,
+              dtype=dtype, remat=model_config.remat)
+  for name in ('base_channels', 'groups'):
+    if unet[name] < 1:
+      raise ValueError(f'model.{name} must be >= 1, got {unet[name]}.')
+  for width in (model_config.base_channels * m for m in unet['channel_mults']):
+    if width % model_config.groups:
+      raise ValueError(f'model.groups={model_config.groups} must divide every '
+                       f'level width, but not {width}.')
+  if method == 'drdd':
+    return DRDDNet(unet=unet, shared=model_config.shared)
+  if method == 'rddm':
+    return RDDMNet(unet=unet)
+  raise ValueError(f"diffusion.method must be 'drdd' or 'rddm', got {method!r}.")
+
+
+class RDDMNet(nn.Module):
+  """The coupled baseline's network: predicts concat(r, eps)."""
+  unet: dict
+
+  @nn.compact
+  def __call__(self, x, cond, t, phase=None):
+    del phase
+    return UNet(out_channels=6, **self.unet, name='net')(x, cond, t)
+
+  def init_all(self, x, cond, t):
+    return self(x, cond, t)
+
+
+def init_params(model: nn.Module, rng, image_shape=(1, 32, 32, 3)):
+  """Initializes all parameters of `create_model`'s module."""
+  x = jnp.zeros(image_shape, jnp.float32)
+  t = jnp.zeros(image_shape[:1], jnp.float32)
+  return model.init(rng, x, x, t, method='init_all')['params']
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
