@@ -69,7 +69,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       keep_every=50_000,  # milestones never deleted.
       sample_every=10_000,
-      eval_every=0,  # 0 = evaluate only at the end.
+      eval_every=0,  # evaluate every N steps during training (0 = never).
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -92,6 +92,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
+      at_end=True,  # evaluate when training finishes.
       max_images=0,  # per task; 0 = all.
       batch_size=1,
       lpips_net='alex',

@@ -1,6 +1,7 @@
 """Building datasets: AiO5 folder presets, bad input, the cache, embedded."""
 import logging
 import os
+import re
 import socket
 
 import numpy as np
@@ -30,7 +31,8 @@ def make_aio5(root, seed=0):
 
   def pair(task, split, name, in_path, target_path, target=None):
     x = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
-    y = rng.integers(0, 256, (H, W, 3), dtype=np.uint8) if target is None else target
+    y = target if target is not None else rng.integers(
+        0, 256, (H, W, 3), dtype=np.uint8)
     save(os.path.join(root, in_path), x)
     save(os.path.join(root, target_path), y)
     expected[(task, split, name)] = (x, y)
@@ -43,7 +45,8 @@ def make_aio5(root, seed=0):
     pair('lowlight', 'test', f'{i}', f'LOL/eval15/low/{i}.png',
          f'LOL/eval15/high/{i}.png')
   for i in range(1, 4):
-    pair('derain', 'train', f'rain-{i:03d}', f'Rain100H/train/rain/rain-{i:03d}.png',
+    pair('derain', 'train', f'rain-{i:03d}',
+         f'Rain100H/train/rain/rain-{i:03d}.png',
          f'Rain100H/train/norain/norain-{i:03d}.png')
   for i in range(2):
     pair('derain', 'test', f'{i}', f'Rain100L/input/{i}.png',
@@ -58,12 +61,12 @@ def make_aio5(root, seed=0):
     clear = None
     for beta in ('0.8_0.1', '0.9_0.2'):
       clear = pair('dehaze', 'train', f'{k:04d}_{beta}',
-                   f'RESIDE/OTS/hazy/{k:04d}_{beta}.jpg'.replace('.jpg', '.png'),
+                   f'RESIDE/OTS/hazy/{k:04d}_{beta}.png',
                    f'RESIDE/OTS/clear/{k:04d}.png', target=clear)
   for k in (1, 2):
     pair('dehaze', 'test', f'{k:04d}_0.8_0.1',
          f'RESIDE/SOTS/outdoor/hazy/{k:04d}_0.8_0.1.png',
-         f'RESIDE/SOTS/outdoor/gt/{k:04d}.png')
+         f'RESIDE/SOTS/outdoor/clear/{k:04d}.png')  # `gt` is tried first.
   for split, paths in (('train', ['denoise/train/BSD/a.png',
                                   'denoise/train/BSD/b.png',
                                   'denoise/train/WED/c.png']),
@@ -96,7 +99,8 @@ def test_folders_give_the_pairs_and_exact_pixels(tmp_path):
   for task in data.TASKS:
     ds = pipeline.dataset(c, task)
     for split in ('train', 'test'):
-      want = {n: v for (t, s, n), v in expected.items() if (t, s) == (task, split)}
+      want = {n: v for (t, s, n), v in expected.items()
+              if (t, s) == (task, split)}
       got = records(ds, split)
       assert len(got) == len(want) == ds.info.metadata[split]['count'], task
       for r in got:
@@ -111,7 +115,8 @@ def test_folders_give_the_pairs_and_exact_pixels(tmp_path):
   assert len(pipeline.dataset(c, 'dehaze').info.metadata['train']['pool']) == 2
 
 
-def test_cache_is_reused_and_rebuilt_when_a_folder_changes(tmp_path, monkeypatch):
+def test_cache_is_reused_and_rebuilt_when_a_folder_changes(tmp_path,
+                                                           monkeypatch):
   root = tmp_path / 'aio5'
   make_aio5(root)
   c = config(root, tmp_path / 'cache', tasks='lowlight')
@@ -136,34 +141,46 @@ def _lol(root, n=3):
              np.full((H, W, 3), 10 * i, np.uint8))
 
 
-def _remove(path):
-  os.remove(path)
+def _blank(root, path, width=W):
+  save(str(root / path), np.zeros((H, width, 3), np.uint8))
+
+
+def _empty(root, folder):
+  for p in (root / folder).iterdir():
+    os.remove(p)
 
 
 def _truncate(path):
-  raw = open(path, 'rb').read()
-  open(path, 'wb').write(raw[:len(raw) // 2])
+  raw = path.read_bytes()
+  path.write_bytes(raw[:len(raw) // 2])
 
 
-BAD = {  # case: (change to a valid LOL tree, the file the message names)
-    'missing folder': (lambda r: [_remove(p) for p in (r / 'LOL/our485/high').iterdir()]
-                       and os.rmdir(r / 'LOL/our485/high'), 'our485/high'),
-    'no task folder': (lambda r: os.rename(r / 'LOL', r / 'LOLv1'), 'LOL/our485/low'),
-    'empty folder': (lambda r: [_remove(p) for p in (r / 'LOL/eval15/low').iterdir()],
-                     'eval15/low'),
-    'unpaired input': (lambda r: save(str(r / 'LOL/our485/low/7.png'),
-                                      np.zeros((H, W, 3), np.uint8)), 'low/7.png'),
-    'unpaired target': (lambda r: save(str(r / 'LOL/our485/high/8.png'),
-                                       np.zeros((H, W, 3), np.uint8)), 'high/8.png'),
-    'same name twice': (lambda r: save(str(r / 'LOL/our485/high/1.bmp'),
-                                       np.zeros((H, W, 3), np.uint8)), '1.bmp'),
-    'corrupt': (lambda r: open(r / 'LOL/our485/low/2.png', 'wb').write(b'no png'),
+def _float_tif(root):
+  os.remove(root / 'LOL/our485/low/1.png')
+  Image.fromarray(np.zeros((H, W), np.float32)).save(
+      root / 'LOL/our485/low/1.tif')
+
+
+BAD = {  # case: (how to break a valid LOL tree, what the message names)
+    'missing folder': (
+        lambda r: (_empty(r, 'LOL/our485/high'),
+                   os.rmdir(r / 'LOL/our485/high')), 'LOL/our485/high'),
+    'no task folder': (lambda r: os.rename(r / 'LOL', r / 'LOLv1'),
+                       'LOL/our485/low'),
+    'empty folder': (lambda r: _empty(r, 'LOL/eval15/low'), 'eval15/low'),
+    'unpaired input': (lambda r: _blank(r, 'LOL/our485/low/7.png'),
+                       'low/7.png'),
+    'unpaired target': (lambda r: _blank(r, 'LOL/our485/high/8.png'),
+                        'high/8.png'),
+    'same stem twice': (lambda r: _blank(r, 'LOL/our485/high/1.bmp'),
+                        '1.bmp'),
+    'corrupt': (lambda r: (r / 'LOL/our485/low/2.png').write_bytes(b'no'),
                 'low/2.png'),
-    'truncated': (lambda r: _truncate(r / 'LOL/eval15/high/1.png'), 'high/1.png'),
-    'sizes differ': (lambda r: save(str(r / 'LOL/our485/high/0.png'),
-                                    np.zeros((H, W + 1, 3), np.uint8)), 'high/0.png'),
-    'float image': (lambda r: (_remove(r / 'LOL/our485/low/1.png'), Image.fromarray(
-        np.zeros((H, W), np.float32)).save(r / 'LOL/our485/low/1.tif')), 'low/1.tif'),
+    'truncated': (lambda r: _truncate(r / 'LOL/eval15/high/1.png'),
+                  'high/1.png'),
+    'sizes differ': (lambda r: _blank(r, 'LOL/our485/high/0.png', W + 1),
+                     'high/0.png'),
+    'float image': (_float_tif, 'low/1.tif'),
 }
 
 
@@ -172,9 +189,10 @@ def test_bad_input_fails_naming_the_file(tmp_path, case):
   change, name = BAD[case]
   _lol(tmp_path / 'root')
   change(tmp_path / 'root')
-  with pytest.raises(data.DataError, match=name.replace('.', r'\.')):
-    pipeline.dataset(config(tmp_path / 'root', tmp_path / 'c'), 'lowlight')
-  assert not os.listdir(tmp_path / 'c') if os.path.isdir(tmp_path / 'c') else True
+  cache = tmp_path / 'cache'
+  with pytest.raises(data.DataError, match=re.escape(name)):
+    pipeline.dataset(config(tmp_path / 'root', cache), 'lowlight')
+  assert not cache.exists() or not os.listdir(cache)  # No partial build.
 
 
 def _png16(path, pixels):
@@ -202,7 +220,8 @@ def test_convertible_images_are_converted_and_logged(tmp_path, caplog):
   Image.fromarray(np.dstack([gray] * 3)).convert('P').save(low / '4.png')
   with caplog.at_level(logging.WARNING):
     ds = pipeline.dataset(config(root, tmp_path / 'c'), 'lowlight')
-  got = {r['name'].decode(): images.decode(r['input']) for r in records(ds, 'train')}
+  got = {r['name'].decode(): images.decode(r['input'])
+         for r in records(ds, 'train')}
   for i in range(4):
     np.testing.assert_array_equal(got[str(i)], np.dstack([gray] * 3), str(i))
     assert f'low/{i}.png' in caplog.text
@@ -239,11 +258,13 @@ def test_bad_config_names_the_field(tmp_path, field, value, message):
 def test_crop_larger_than_an_image_names_field_and_image(tmp_path):
   _lol(tmp_path / 'root')
   c = config(tmp_path / 'root', tmp_path / 'c', tasks='lowlight', crop_size=22)
-  with pytest.raises(data.DataError, match=r"data.crop_size=22 .* '\d' \(20x24\)"):
+  with pytest.raises(data.DataError,
+                     match=r"data.crop_size=22 .* '\d' \(20x24\)"):
     data.create_train_iterator(c, 2, 0, shard_index=0, shard_count=1)
 
 
-def test_embedded_builds_offline_split_by_photo_same_bytes(tmp_path, monkeypatch):
+def test_embedded_builds_offline_split_by_photo_same_bytes(tmp_path,
+                                                           monkeypatch):
   def no_network(*args, **kwargs):
     raise AssertionError('network used')
   monkeypatch.setattr(socket, 'socket', no_network)

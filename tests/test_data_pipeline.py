@@ -1,4 +1,4 @@
-"""The grain pipeline: sharding, paired_fraction, task shares, iterator state."""
+"""The grain pipeline: shards, paired_fraction, task shares, iterator state."""
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -42,6 +42,8 @@ def test_processes_get_disjoint_shards_covering_the_split(lol):
   assert not set(first) & set(second)
   assert set(first) | set(second) == set(range(8))
   assert seen(lol, 2, 0, 2) == first  # Same order on every run.
+  # Default: one shard per JAX process (here one).
+  assert len(ids(next(data.create_train_iterator(lol, 4, 0)))) == 4
 
 
 def test_paired_fraction_is_one_subset_for_any_run_and_host_count(lol):
@@ -69,6 +71,7 @@ def test_batch_shares_follow_the_config(tmp_path):
       t: 16 * s // 16 for t, s in shares.items()}
   assert batch['residual']['input'].shape == (16, 16, 16, 3)
   assert batch['residual']['input'].dtype == np.uint8
+  assert batch['residual']['task'].dtype == np.int32
   assert batch['noise']['target'].shape == (4, 16, 16, 3)
   # Largest remainder: sums to the batch, ties to the first task listed.
   assert list(options.batch_counts(shares, 5).values()) == [1, 1, 1, 1, 1]
@@ -119,7 +122,8 @@ def test_worker_processes_give_the_same_batches(lol):
 
 def test_unpaired_dirs_join_the_noise_pool_once(lol, tmp_path):
   for k, name in ((8, 'a.png'), (9, 'sub/b.png'), (0, 'copy_of_0.png')):
-    save(str(tmp_path / 'clean' / name), np.full((H, W, 3), 10 * k + 5, np.uint8))
+    save(str(tmp_path / 'clean' / name),
+         np.full((H, W, 3), 10 * k + 5, np.uint8))
   lol.unpaired_dirs = str(tmp_path / 'clean')
   lol.paired_fraction = 0.25
   it = data.create_train_iterator(lol, 2, 5, shard_index=0, shard_count=1)

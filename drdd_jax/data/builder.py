@@ -47,6 +47,9 @@ class PairedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, plan: Plan, **kwargs):
     self._plan = plan
+    # Targets repeat (the embedded photos, RESIDE's clear images): keep a few
+    # decoded, for this build only (a later build may see edited files).
+    self._load_target = functools.lru_cache(maxsize=32)(images.load)
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -89,7 +92,7 @@ class PairedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _record(self, e: Example):
     """Reads (or synthesises) one example; all checks happen here."""
-    target, target_bytes = _load_target(e.target, self._plan.max_size)
+    target, target_bytes = self._load_target(e.target, self._plan.max_size)
     input_bytes = b''
     if e.input:
       pixels, input_bytes = images.load(e.input, self._plan.max_size)
@@ -103,10 +106,6 @@ class PairedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     record = dict(input=input_bytes, target=target_bytes, name=e.name,
                   task=self._plan.task)
     return record, images.digest(target), target.shape[:2]
-
-
-# Targets repeat (the embedded photos, RESIDE's clear images): keep a few.
-_load_target = functools.lru_cache(maxsize=32)(images.load)
 
 
 def _hash_order(e: Example) -> str:

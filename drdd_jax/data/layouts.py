@@ -104,7 +104,8 @@ LAYOUTS = {
         _alts([f'{g}/test/*' for g in _GOPRO], [('blur', 'sharp')])),
     'dehaze': Layout(
         train=_alts(['RESIDE/OTS'], [('hazy', 'clear'), ('hazy', 'gt')]),
-        test=_alts(['RESIDE/SOTS/outdoor'], [('hazy', 'gt'), ('hazy', 'clear')]),
+        test=_alts(['RESIDE/SOTS/outdoor'],
+                   [('hazy', 'gt'), ('hazy', 'clear')]),
         input_key=r'([^_]+)', many_to_one=True),  # 0001_0.8_0.2 -> 0001.
 }
 
@@ -120,9 +121,6 @@ def _key(rule: str, path: str) -> str:
 def _pair(in_dir: str, target_dir: str, prefix: str,
           layout: Layout) -> list[Example]:
   """Pairs the files of two folders by key; any leftover file is an error."""
-  if not os.path.isdir(target_dir):
-    raise DataError(f'{target_dir}: missing folder (the targets of '
-                    f'{in_dir})')
   targets = {}
   for path in images.list_images(target_dir):
     k = _key(layout.target_key, path)
@@ -160,28 +158,40 @@ def _clean(folder: str, synth: str, task: str) -> list[Example]:
   return examples
 
 
+def _folders(root: str, in_pattern: str, target_pattern: str):
+  """(input folder, target folder, name prefix) for each match of a pattern."""
+  in_dirs = glob.glob(os.path.join(glob.escape(root), in_pattern))
+  out = []
+  for in_dir in sorted(d for d in in_dirs if os.path.isdir(d)):
+    # Fill each `*` of the target pattern with what it matched in the input.
+    parts = os.path.relpath(in_dir, root).split(os.sep)
+    stars = [p for p, q in zip(parts, in_pattern.split('/')) if q == '*']
+    target = target_pattern
+    for s in stars:
+      target = target.replace('*', s, 1)
+    out.append((in_dir, os.path.join(root, target),
+                ''.join(s + '/' for s in stars)))
+  return out
+
+
 def _split(root: str, task: str, split: str, layout: Layout) -> list[Example]:
-  """The examples of one split: the first candidate folder present wins."""
+  """The examples of one split: the first candidate folders present win."""
+  missing = None
   for in_pattern, target_pattern in getattr(layout, split):
     if not in_pattern:  # Inputs synthesised from the targets.
       folder = os.path.join(root, target_pattern)
       if os.path.isdir(folder.removesuffix('/**')):
         return _clean(folder, layout.synth, task)
       continue
-    in_dirs = sorted(d for d in glob.glob(os.path.join(glob.escape(root), in_pattern))
-                     if os.path.isdir(d))
-    examples = []
-    for in_dir in in_dirs:
-      # Fill each `*` of the target pattern with what it matched in the input.
-      parts = os.path.relpath(in_dir, root).split(os.sep)
-      stars = [p for p, q in zip(parts, in_pattern.split('/')) if q == '*']
-      target = target_pattern
-      for s in stars:
-        target = target.replace('*', s, 1)
-      prefix = ''.join(s + '/' for s in stars)
-      examples += _pair(in_dir, os.path.join(root, target), prefix, layout)
-    if in_dirs:
-      return examples
+    folders = _folders(root, in_pattern, target_pattern)
+    absent = [(i, t) for i, t, _ in folders if not os.path.isdir(t)]
+    if folders and not absent:
+      return [e for i, t, prefix in folders
+              for e in _pair(i, t, prefix, layout)]
+    missing = missing or (absent[0] if absent else None)
+  if missing:  # An input folder without its target folder.
+    raise DataError(f'{missing[1]}: missing folder (the targets of '
+                    f'{missing[0]})')
   tried = ', '.join(f'{i or "(synthesised)"} -> {t}'
                     for i, t in getattr(layout, split))
   raise DataError(f"data.root={root}: no {split} folders for task '{task}' "

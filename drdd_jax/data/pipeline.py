@@ -121,9 +121,9 @@ class _Assemble(grain.transforms.Map):
     return batch
 
 
-def _stream(source, count: int, size: int, keys, shard, seed: int):
-  """Batches of `count` random crops from this process's shard of `source`."""
-  ds = grain.MapDataset.source(source)
+def _stream(ds: grain.MapDataset, count: int, size: int, keys, shard,
+            seed: int) -> grain.MapDataset:
+  """Batches of `count` random crops from this process's shard of `ds`."""
   ds = ds[shard.shard_index::shard.shard_count]
   ds = ds.shuffle(seed=seed).repeat()  # Reshuffled every epoch.
   ds = ds.random_map(_Crop(size, keys), seed=(seed + 1) % 2**32)
@@ -198,18 +198,18 @@ def create_train_iterator(config: Any, batch_size: int, noise_batch_size: int,
   else:
     shard = grain.sharding.ShardOptions(shard_index, shard_count or 1)
   n = shard.shard_count
-  for name, size in (('batch_size', batch_size),
-                     ('noise_batch_size', noise_batch_size)):
-    if size % n or (name == 'batch_size' and size < n):
-      raise DataError(f'training.{name}={size} must be a positive multiple '
-                      f'of the process count {n}')
+  if batch_size < n or batch_size % n or noise_batch_size % n:
+    raise DataError(f'batch_size={batch_size} (global) must be a positive '
+                    f'multiple of the process count {n}, and noise_batch_size='
+                    f'{noise_batch_size} a multiple')
   counts = options.batch_counts(options.task_shares(config), batch_size // n)
   paired = {t: dataset(config, t) for t in options.task_names(config)}
   crop, streams = config.crop_size, []
   for task, count in counts.items():
     if not count:
-      logging.warning('Task %s gets none of the %d pairs of the local batch; '
-                      'raise the batch size or its share', task, batch_size // n)
+      logging.warning('Task %s gets none of the %d pairs of the local '
+                      'batch; raise the batch size or its share', task,
+                      batch_size // n)
       continue
     ds = paired[task]
     _check_crop(config, ds)
@@ -224,6 +224,9 @@ def create_train_iterator(config: Any, batch_size: int, noise_batch_size: int,
     parts = pool_parts(config, paired)
     for ds, _ in parts:
       _check_crop(config, ds)
+    if sum(len(idx) for _, idx in parts) < n:
+      raise DataError(f'the noise pool has fewer targets than the {n} '
+                      'processes; add data.unpaired_dirs')
     pool = grain.MapDataset.concatenate([
         grain.MapDataset.source(_Subset(ds.as_data_source('train'), idx))
         for ds, idx in parts])

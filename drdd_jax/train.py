@@ -1,0 +1,435 @@
+"""Training: the sharded state, the pure jitted train step, and the loop.
+
+Sections: config checks, mesh and shardings, model and optimizer, the train
+step, state creation, and `train_and_evaluate` (input, checkpoint, logging,
+loop). One `Mesh`; the batch is sharded over its batch axes (`data`, and
+`fsdp` if present), parameters are replicated, or sharded over `fsdp` when
+that axis has more than one device.
+"""
+import functools
+import math
+import signal
+import time
+from typing import Any, Optional
+
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from drdd_jax import checkpoints
+from drdd_jax import data as data_lib
+from drdd_jax import losses
+from drdd_jax import schedules
+from drdd_jax import unet
+from drdd_jax import writers
+
+BATCH_AXES = ('data', 'fsdp')  # Mesh axes the batch is split over.
+
+
+# ---------------------------------------------------------------- config ---
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Fails early, naming the field, on values that cannot work."""
+  t, s, d = config.training, config.sampling, config.diffusion
+
+  def need(ok, field, value, why):
+    if not ok:
+      raise ValueError(f'{field}={value!r}: {why}')
+
+  need(t.num_steps >= 0, 'training.num_steps', t.num_steps, 'must be >= 0.')
+  need(t.batch_size > 0, 'training.batch_size', t.batch_size, 'must be > 0.')
+  need(t.noise_batch_size >= 0, 'training.noise_batch_size',
+       t.noise_batch_size, 'must be >= 0 (0 = training.batch_size).')
+  for field, value in (('training.batch_size', t.batch_size),
+                       ('training.noise_batch_size', noise_batch_size(config))):
+    need(value % num_devices == 0, field, value,
+         f'must be divisible by the {num_devices} devices of the batch axes.')
+    need(value % jax.process_count() == 0, field, value,
+         f'must be divisible by the {jax.process_count()} processes.')
+  need(t.steps_per_dispatch >= 1, 'training.steps_per_dispatch',
+       t.steps_per_dispatch, 'must be >= 1.')
+  need(t.compute_dtype in ('auto', 'float32', 'bfloat16'),
+       'training.compute_dtype', t.compute_dtype,
+       "must be 'auto', 'float32' or 'bfloat16'.")
+  need(d.method in ('drdd', 'rddm'), 'diffusion.method', d.method,
+       "must be 'drdd' or 'rddm'.")
+  need(d.noise_condition in ('null', 'input'), 'diffusion.noise_condition',
+       d.noise_condition, "must be 'null' or 'input'.")
+  need(d.sigma_h > 0, 'diffusion.sigma_h', d.sigma_h, 'must be > 0.')
+  need(s.n_res >= 1, 'sampling.n_res', s.n_res, 'must be >= 1.')
+  need(s.n_noise >= 1, 'sampling.n_noise', s.n_noise, 'must be >= 1.')
+  need(s.eta >= 0, 'sampling.eta', s.eta, 'must be >= 0.')
+  need(0 < config.data.paired_fraction <= 1, 'data.paired_fraction',
+       config.data.paired_fraction, 'must be in (0, 1].')
+  data_lib.task_names(config.data)  # Names unknown tasks.
+
+
+def noise_batch_size(config) -> int:
+  return config.training.noise_batch_size or config.training.batch_size
+
+
+def compute_dtype(config):
+  name = config.training.compute_dtype
+  if name == 'auto':
+    name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  return jnp.dtype(name)
+
+
+# ------------------------------------------------------- mesh & sharding ---
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` over `devices` (default: all); -1 = the rest."""
+  axes, shape = tuple(mesh_config.axes), list(mesh_config.shape)
+  if len(axes) != len(shape):
+    raise ValueError(f'mesh.axes {axes} and mesh.shape {tuple(shape)} differ '
+                     'in length.')
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
+  if -1 in shape:
+    rest = math.prod(x for x in shape if x != -1)
+    shape[shape.index(-1)] = n // rest
+  if math.prod(shape) != n:
+    raise ValueError(f'mesh.shape {tuple(shape)} does not use the {n} devices.')
+  return jax.make_mesh(tuple(shape), axes, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def batch_axes(mesh) -> tuple:
+  return tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+
+
+def batch_sharding(mesh, leading: int = 0) -> NamedSharding:
+  """Splits dimension `leading` (the batch) over the batch axes."""
+  return NamedSharding(mesh, P(*([None] * leading), batch_axes(mesh)))
+
+
+def param_sharding(mesh, x) -> NamedSharding:
+  """Replicated; split over 'fsdp' (largest divisible dim) when it exists."""
+  n = dict(zip(mesh.axis_names, mesh.devices.shape)).get('fsdp', 1)
+  if n > 1 and x.ndim:
+    dims = sorted(range(x.ndim), key=lambda i: -x.shape[i])
+    for i in dims:
+      if x.shape[i] % n == 0:
+        spec = [None] * x.ndim
+        spec[i] = 'fsdp'
+        return NamedSharding(mesh, P(*spec))
+  return NamedSharding(mesh, P())
+
+
+# ------------------------------------------------- model, optimizer, state ---
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  # First step whose loss or gradient norm was not finite (-1: none). That
+  # step's update is skipped, so the state stays the last good one.
+  nonfinite_step: jax.Array
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output('loss')
+  loss_noise: clu_metrics.Average.from_output('loss_noise')
+  loss_residual: clu_metrics.Average.from_output('loss_residual')
+  grad_norm: clu_metrics.Average.from_output('grad_norm')
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optim
+  if o.schedule == 'cosine':
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, o.learning_rate, o.warmup_steps, max(config.training.num_steps,
+                                                  o.warmup_steps + 1))
+  elif o.schedule == 'constant':
+    lr = (optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+          if o.warmup_steps else o.learning_rate)
+    if o.warmup_steps:
+      lr = optax.join_schedules([lr, optax.constant_schedule(o.learning_rate)],
+                                [o.warmup_steps])
+  else:
+    raise ValueError(f"optim.schedule={o.schedule!r}: must be 'constant' or "
+                     "'cosine'.")
+  clip = (optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0
+          else optax.identity())
+  return optax.chain(clip, optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps))
+
+
+def create_model(config):
+  return unet.create_model(config.model, config.diffusion.method,
+                           compute_dtype(config))
+
+
+def make_schedule(config) -> schedules.Schedule:
+  d = config.diffusion
+  return schedules.make_schedule(d.num_timesteps, d.sigma_h, d.beta_start,
+                                 d.beta_end)
+
+
+def init_state(config, model, tx, rng) -> TrainState:
+  params = unet.init_params(model, rng)
+  return TrainState(step=jnp.int32(0), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params),
+                    opt_state=tx.init(params), nonfinite_step=jnp.int32(-1))
+
+
+def create_train_state(config, model, tx, mesh):
+  """The initial state, created directly with its shardings.
+
+  Returns:
+    (state, state_shardings).
+  """
+  init = functools.partial(init_state, config, model, tx)
+  rng = jax.random.key(config.training.seed)
+  shardings = jax.tree.map(lambda x: x.sharding,
+                           abstract_state(config, model, tx, mesh))
+  # Initialization runs once: skip XLA's slow optimization passes for it.
+  compiled = jax.jit(init, out_shardings=shardings).lower(rng).compile(
+      {'xla_backend_optimization_level': 0}
+      if jax.default_backend() == 'cpu' else None)
+  return compiled(rng), shardings
+
+
+def abstract_state(config, model, tx, mesh):
+  """`ShapeDtypeStruct`s (with shardings) of the train state."""
+  init = functools.partial(init_state, config, model, tx)
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=param_sharding(mesh, x)), shapes)
+
+
+def load_ema_params(config, workdir: str, step: Optional[int] = None):
+  """The EMA params of a checkpoint in `workdir`; returns (params, step)."""
+  mesh = make_mesh(config.mesh)
+  manager = checkpoints.create_manager(workdir, config.training)
+  state = checkpoints.restore_latest(
+      manager, abstract_state(config, create_model(config),
+                              make_optimizer(config), mesh), None, step)
+  if state is None:
+    raise FileNotFoundError(f'No checkpoint in {manager.directory}: train '
+                            'first (--mode=train).')
+  return state.ema_params, int(jax.device_get(state.step))
+
+
+# ------------------------------------------------------------ train step ---
+def to_float(images):
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def make_train_step(config, model, tx, sched):
+  """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
+
+  `batch` holds uint8 images (`data.create_train_iterator`'s layout); they
+  are converted to [-1, 1] on the device. `steps_per_dispatch > 1` stacks that
+  many batches on a leading axis and scans over them.
+  """
+  o = config.optim
+  model_fn = lambda p, x, c, t, ph: model.apply({'params': p}, x, c, t, ph)
+  loss_fn = losses.make_loss_fn(model_fn, sched, config.diffusion,
+                                shared=config.model.shared)
+
+  def one_step(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    images = {k: {'input': to_float(v['input'])} if 'input' in v else {}
+              for k, v in batch.items()}
+    for k, v in batch.items():
+      images[k]['target'] = to_float(v['target'])
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, images, rng)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    decay = jnp.where(step % o.ema_every == 0, o.ema_decay, 1.0)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                       state.ema_params, params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = state.replace(step=step, params=params, ema_params=ema,
+                            opt_state=opt_state)
+    skipped = state.replace(step=step, nonfinite_step=jnp.where(
+        state.nonfinite_step < 0, state.step, state.nonfinite_step))
+    state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), updated, skipped)
+    return state, dict(metrics, grad_norm=grad_norm)
+
+  if config.training.steps_per_dispatch == 1:
+    return one_step
+
+  def multi_step(state, batches, rng):
+    state, metrics = jax.lax.scan(lambda s, b: one_step(s, b, rng), state,
+                                  batches)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  return multi_step
+
+
+def jit_train_step(train_step, state_shardings, mesh, leading: int):
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(state_shardings, batch_sharding(mesh, leading),
+                               replicated),
+                 out_shardings=(state_shardings, replicated))
+
+
+def global_batch(local_batch, mesh, leading: int = 0):
+  """Process-local numpy arrays -> global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh, leading)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def next_batch(data_iter, k: int):
+  """One batch, or k batches stacked on a new leading axis."""
+  if k == 1:
+    return next(data_iter)
+  batches = [next(data_iter) for _ in range(k)]
+  return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+# ------------------------------------------------------------------ loop ---
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, to save before exiting."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. some test runners).
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+def _check_finite(state, last_saved: Optional[int]):
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0:
+    raise NonFiniteError(
+        f'Non-finite loss or gradient norm at step {bad + 1}: training '
+        f'stopped; the update of that step was not applied. The last good '
+        f'checkpoint (step {last_saved}) is intact. Lower optim.learning_rate '
+        'or check the data.')
+
+
+def _flat_hparams(config) -> dict:
+  out = {}
+
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(v, prefix + k + '.')
+      else:
+        out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+  walk(config.to_dict(), '')
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains (resuming from `workdir`), then evaluates; returns the state."""
+  mesh = make_mesh(config.mesh)
+  num_batch_devices = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+  check_config(config, num_batch_devices)
+  t = config.training
+  k = t.steps_per_dispatch
+  if t.num_steps % k:
+    raise ValueError(f'training.num_steps={t.num_steps} must be a multiple of '
+                     f'training.steps_per_dispatch={k}.')
+
+  # Input.
+  data_iter = data_lib.create_train_iterator(config.data, t.batch_size,
+                                             noise_batch_size(config))
+
+  # Model, optimizer, state.
+  model = create_model(config)
+  tx = make_optimizer(config)
+  sched = make_schedule(config)
+  state, shardings = create_train_state(config, model, tx, mesh)
+  logging.info('Model: %s parameters (%s network%s), compute dtype %s.',
+               f'{unet.count_params(state.params):,}',
+               'one shared' if config.model.shared else 'two',
+               '' if config.model.shared else 's', compute_dtype(config).name)
+
+  # Checkpoint.
+  manager = checkpoints.create_manager(workdir, t)
+  restored = checkpoints.restore_latest(
+      manager, abstract_state(config, model, tx, mesh), data_iter)
+  if restored is not None:
+    state = restored
+  start = int(jax.device_get(state.step))
+  last_saved = manager.latest_step()
+
+  # Logging.
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
+  if start == 0:
+    writer.write_hparams(_flat_hparams(config))
+  report = periodic_actions.ReportProgress(num_train_steps=t.num_steps,
+                                           writer=writer,
+                                           every_steps=t.log_every)
+  step_fn = jit_train_step(make_train_step(config, model, tx, sched),
+                           shardings, mesh, leading=1 if k > 1 else 0)
+  rng = jax.random.key(t.seed + 1)
+
+  from drdd_jax import evaluate  # pylint: disable=g-import-not-at-top
+  preemption = _Preemption()
+  logging.info('Training from step %d to %d (global batch %d pairs + %d '
+               'targets, %d per dispatch).', start, t.num_steps, t.batch_size,
+               noise_batch_size(config), k)
+  train_metrics = None
+  step = start
+  try:
+    while step < t.num_steps:
+      batch = global_batch(next_batch(data_iter, k), mesh,
+                           leading=1 if k > 1 else 0)
+      state, metrics = step_fn(state, batch, rng)
+      step += k
+      update = TrainMetrics.single_from_model_output(**metrics)
+      train_metrics = update if train_metrics is None else train_metrics.merge(
+          update)
+      report(step)
+      final = step >= t.num_steps
+      if step % t.log_every < k or final:
+        _check_finite(state, last_saved)
+        values = jax.device_get(train_metrics.compute())
+        writer.write_scalars(step, values)
+        logging.info('step %d/%d  %s', step, t.num_steps, '  '.join(
+            f'{n}={v:.4g}' for n, v in values.items()))
+        train_metrics = None
+      if t.eval_every and step % t.eval_every < k and not final:
+        evaluate.evaluate(config, workdir, state.ema_params, step,
+                          writer=writer)
+      if t.sample_every and step % t.sample_every < k:
+        evaluate.write_sample_grid(config, model, sched, state.ema_params,
+                                   writer, step)
+      if step % t.checkpoint_every < k or final or preemption.requested:
+        _check_finite(state, last_saved)
+        checkpoints.save(manager, step, state, data_iter, force=True)
+        last_saved = step
+      if preemption.requested:
+        logging.warning('Stopped at step %d after SIGTERM; rerun the same '
+                        'command to resume.', step)
+        break
+  finally:
+    manager.wait_until_finished()
+    preemption.restore()
+    writer.flush()
+
+  if not preemption.requested and config.eval.at_end:
+    evaluate.evaluate(config, workdir, state.ema_params, step, writer=writer)
+  writer.close()
+  return state
