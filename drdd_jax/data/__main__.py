@@ -3,6 +3,8 @@
   python -m drdd_jax.data --config=configs/aio5.py:tiny
   python -m drdd_jax.data --config=configs/aio5.py --config.data.root=/data/aio5
 """
+import sys
+
 from absl import app
 from ml_collections import config_flags
 
@@ -43,7 +45,10 @@ def main(argv):
   del argv
   if _CONFIG.value is None:
     raise app.UsageError('--config is required')
-  print(summary(_CONFIG.value.data))
+  try:
+    print(summary(_CONFIG.value.data))
+  except options.DataError as e:
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -32,7 +32,7 @@ def dataset(config: Any, task: str):
     raise DataError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
   if config.source == 'embedded':
     plan = embedded.embedded_plan(task, config.max_size,
-                                  config.embedded_variants)
+                                  config.get('embedded_variants', 4))
   else:
     plan = layouts.aio5_plan(config.root, task)
   return builder.load(plan, options.cache_root(config))
@@ -67,7 +67,7 @@ def pool_parts(config: Any, paired: dict) -> list[tuple[Any, list[int]]]:
 def paired_count(config: Any, ds) -> int:
   """How many train pairs `data.paired_fraction` keeps (a stored prefix)."""
   n = ds.info.metadata['train']['count']
-  return max(1, int(round(config.paired_fraction * n)))
+  return max(1, int(config.paired_fraction * n + 0.5))  # Half rounds up.
 
 
 class _Subset(grain.sources.RandomAccessDataSource):

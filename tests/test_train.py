@@ -1,0 +1,147 @@
+"""The training stack end to end on the tiny config (CPU, 8 fake devices)."""
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import configs.aio5 as aio5
+from drdd_jax import checkpoints
+from drdd_jax import data as data_lib
+from drdd_jax import evaluate
+from drdd_jax import train
+
+
+def tiny(tmp_cache, **overrides):
+  config = aio5.get_config('tiny')
+  config.data.cache_dir = str(tmp_cache)
+  config.eval.at_end = False
+  for key, value in overrides.items():
+    *path, leaf = key.split('.')
+    node = config
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('cache')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, cache):
+  """Two steps of `train_and_evaluate` (with the final evaluation)."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = tiny(cache, **{'eval.at_end': True})
+  state = train.train_and_evaluate(config, workdir)
+  return config, workdir, state
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoint_events_and_eval_table(trained):
+  config, workdir, state = trained
+  assert int(state.step) == 2
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '2', 'state'))
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  with open(os.path.join(workdir, 'eval', 'latest.json')) as f:
+    results = json.load(f)
+  rows = set(results['model'])
+  assert rows == set(data_lib.TASKS) | {'average'}
+  table = open(os.path.join(workdir, 'eval', 'latest.md')).read()
+  for task in data_lib.TASKS:
+    assert f'| {task} |' in table
+  assert os.path.exists(os.path.join(workdir, 'eval', 'grid_derain.png'))
+
+
+@pytest.mark.slow
+def test_export_then_reload_gives_identical_samples(trained, tmp_path):
+  config, workdir, state = trained
+  path = checkpoints.export(str(tmp_path), state.ema_params, config)
+  exported_config, params = checkpoints.load_export(path)
+  assert exported_config.model.channel_mults == config.model.channel_mults
+  assert 'opt_state' not in params
+  y = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
+  a = evaluate.make_restore_image(config, state.ema_params)(y)
+  b = evaluate.make_restore_image(exported_config, params)(y)
+  np.testing.assert_array_equal(a, b)
+  # The checkpoint's EMA params reload the same way.
+  ema, step = train.load_ema_params(config, workdir)
+  assert step == 2
+  jax.tree.map(np.testing.assert_array_equal, ema, params)
+
+
+def _one_step(config, devices):
+  mesh = train.make_mesh(config.mesh, devices)
+  model, tx = train.create_model(config), train.make_optimizer(config)
+  state, shardings = train.create_train_state(config, model, tx, mesh)
+  step = train.jit_train_step(
+      train.make_train_step(config, model, tx, train.make_schedule(config)),
+      shardings, mesh, leading=0)
+  it = data_lib.create_train_iterator(config.data, 8, 8, shard_index=0,
+                                      shard_count=1)
+  batch = train.global_batch(next(it), mesh)
+  state, metrics = step(state, batch, jax.random.key(0))
+  return jax.device_get(state.params), jax.device_get(metrics)
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(cache):
+  assert jax.device_count() == 8
+  # Adam's first update is g / (|g| + eps), about sign(g): with the default
+  # eps a gradient entry near 0 flips sign under a different summation
+  # order. A larger eps keeps the comparison well conditioned.
+  config = tiny(cache, **{'training.batch_size': 8, 'optim.eps': 1e-3})
+  params8, m8 = _one_step(config, jax.devices())
+  params1, m1 = _one_step(config, jax.devices()[:1])
+  np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               params8, params1)
+
+
+@pytest.mark.slow
+def test_resume_is_identical_to_uninterrupted(tmp_path, cache):
+  straight = train.train_and_evaluate(
+      tiny(cache, **{'training.num_steps': 4}), str(tmp_path / 'a'))
+  train.train_and_evaluate(tiny(cache, **{'training.num_steps': 2}),
+                           str(tmp_path / 'b'))
+  resumed = train.train_and_evaluate(tiny(cache, **{'training.num_steps': 4}),
+                                     str(tmp_path / 'b'))
+  assert int(resumed.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.params),
+               jax.device_get(resumed.params))
+  # Same data order: the saved iterator positions agree too.
+  state = lambda d: sorted(glob.glob(str(tmp_path / d / 'checkpoints' / '4' /
+                                         'data' / '*')))
+  assert state('a') and [open(f).read() for f in state('a')] == [
+      open(f).read() for f in state('b')]
+
+
+@pytest.mark.slow
+def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path, cache):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny(cache), workdir)
+  bad = tiny(cache, **{'training.num_steps': 4, 'diffusion.w_res': float('nan')})
+  with pytest.raises(train.NonFiniteError, match='step 3'):
+    train.train_and_evaluate(bad, workdir)
+  params, step = train.load_ema_params(tiny(cache), workdir)
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('data.tasks', 'lowlight,snow', 'snow'),
+    ('training.batch_size', -4, 'training.batch_size'),
+    ('training.batch_size', 12, 'training.batch_size'),  # 8 devices
+    ('data.crop_size', 4096, 'data.crop_size'),
+    ('diffusion.method', 'ddpm', 'diffusion.method'),
+    ('sampling.n_res', 0, 'sampling.n_res'),
+])
+def test_bad_config_values_name_the_field(tmp_path, cache, field, value, match):
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(tiny(cache, **{field: value}), str(tmp_path))
