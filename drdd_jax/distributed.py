@@ -101,3 +101,22 @@ def log_topology() -> None:
       '(%s).', jax.process_index(), jax.process_count(),
       jax.default_backend(), jax.local_device_count(), jax.device_count(),
       jax.devices()[0].device_kind)
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process gets here (no-op for one process).
+
+  A coordination-service barrier, not a collective: on CPU, gloo gives peers
+  only 30 s to meet at their first collective, less than one process may
+  spend compiling while another already runs. Train and evaluate steps wait
+  here after compiling so that they start their collectives together.
+
+  Args:
+    name: a name unique to this barrier.
+    timeout_s: fail after this long.
+  """
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ocp.multihost.get_jax_distributed_client().wait_at_barrier(
+      name, timeout_in_ms=timeout_s * 1000)

@@ -36,6 +36,10 @@ def get_sampler(config, model, sched):
 
 def make_restore_image(config, params, model=None, sched=None):
   """uint8 [H, W, 3] -> restored uint8 [H, W, 3], tiled above eval.tile_size."""
+  if jax.process_count() > 1:
+    # Every process restores the same images on its own devices, so no
+    # collective waits on a peer that is still compiling another shape.
+    params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
   model = model or train.create_model(config)
   sched = sched or train.make_schedule(config)
   sample = get_sampler(config, model, sched)

@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from drdd_jax import distributed
@@ -81,9 +82,18 @@ def main(argv):
     if failed:
       logging.error('%d image(s) could not be restored: %s', len(failed),
                     ', '.join(name for name, _ in failed))
-      sys.exit(1)
+      return 1
+  return 0
+
+
+def run(argv):
+  status = main(argv)
+  if jax.process_count() > 1:
+    # Leave together, so no process waits alone in the shutdown barrier.
+    multihost_utils.sync_global_devices('drdd_jax.main done')
+  sys.exit(status)
 
 
 if __name__ == '__main__':
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(run)

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from drdd_jax import checkpoints
 from drdd_jax import data as data_lib
+from drdd_jax import distributed
 from drdd_jax import losses
 from drdd_jax import schedules
 from drdd_jax import unet
@@ -396,6 +397,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     while step < t.num_steps:
       batch = global_batch(next_batch(data_iter, k), mesh,
                            leading=1 if k > 1 else 0)
+      if step == start:  # Compile, then start the collectives together.
+        step_fn = step_fn.lower(state, batch, rng).compile()
+        distributed.barrier(f'train_step_compiled_{start}')
       state, metrics = step_fn(state, batch, rng)
       step += k
       update = TrainMetrics.single_from_model_output(**metrics)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One-command set-up and run. Creates .venv (once), installs the package, then:
+#   bash run.sh demo   trains on the embedded offline dataset (~10 min on CPU),
+#                      evaluates and writes tables and grids to workdir/demo/eval
+#   bash run.sh test   runs the whole test suite (slow end-to-end tests included)
+# Extra arguments are passed on (to main.py for demo, to pytest for test).
+set -euo pipefail
+cd "$(dirname "$0")"
+what="${1:-}"
+shift || true
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.drdd_jax-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+
+case "$what" in
+  demo)
+    exec .venv/bin/python -m drdd_jax.main --config=configs/demo.py \
+      --workdir="${WORKDIR:-workdir/demo}" "$@"
+    ;;
+  test)
+    exec .venv/bin/python -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: bash run.sh demo|test [args...]" >&2
+    exit 2
+    ;;
+esac
