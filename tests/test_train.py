@@ -96,12 +96,15 @@ def test_eight_devices_match_one(cache):
   # eps a gradient entry near 0 flips sign under a different summation
   # order. A larger eps keeps the comparison well conditioned.
   config = tiny(cache, **{'training.batch_size': 8, 'optim.eps': 1e-3})
-  params8, m8 = _one_step(config, jax.devices())
   params1, m1 = _one_step(config, jax.devices()[:1])
-  np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-7),
-               params8, params1)
+  params8, m8 = _one_step(config, jax.devices())
+  # A ('data', 'fsdp') mesh: the batch over both axes, parameters over fsdp.
+  config.mesh.axes, config.mesh.shape = ('data', 'fsdp'), (2, 4)
+  params_fsdp, m_fsdp = _one_step(config, jax.devices())
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for params, m in ((params8, m8), (params_fsdp, m_fsdp)):
+    np.testing.assert_allclose(m['loss'], m1['loss'], rtol=1e-5)
+    jax.tree.map(close, params, params1)
 
 
 @pytest.mark.slow
@@ -145,3 +148,15 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path, cache):
 def test_bad_config_values_name_the_field(tmp_path, cache, field, value, match):
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(tiny(cache, **{field: value}), str(tmp_path))
+
+
+def test_fsdp_axis_shards_parameters_and_batch():
+  config = aio5.get_config('tiny')
+  config.mesh.axes, config.mesh.shape = ('data', 'fsdp'), (2, -1)
+  mesh = train.make_mesh(config.mesh)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
+  kernel = jax.ShapeDtypeStruct((3, 3, 16, 32), jnp.float32)
+  assert train.param_sharding(mesh, kernel).spec == (None, None, None, 'fsdp')
+  odd = jax.ShapeDtypeStruct((3,), jnp.float32)
+  assert train.param_sharding(mesh, odd).spec == ()
+  assert train.batch_sharding(mesh).spec == (('data', 'fsdp'),)
