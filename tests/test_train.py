@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import configs.aio5 as aio5
 from drdd_jax import checkpoints
@@ -156,7 +157,7 @@ def test_fsdp_axis_shards_parameters_and_batch():
   mesh = train.make_mesh(config.mesh)
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
   kernel = jax.ShapeDtypeStruct((3, 3, 16, 32), jnp.float32)
-  assert train.param_sharding(mesh, kernel).spec == (None, None, None, 'fsdp')
+  assert train.param_sharding(mesh, kernel).spec == P(None, None, None, 'fsdp')
   odd = jax.ShapeDtypeStruct((3,), jnp.float32)
-  assert train.param_sharding(mesh, odd).spec == ()
-  assert train.batch_sharding(mesh).spec == (('data', 'fsdp'),)
+  assert train.param_sharding(mesh, odd).spec == P()
+  assert train.batch_sharding(mesh).spec == P(('data', 'fsdp'))
