@@ -237,10 +237,8 @@ def make_train_step(config, model, tx, sched):
 
   def one_step(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    images = {k: {'input': to_float(v['input'])} if 'input' in v else {}
-              for k, v in batch.items()}
-    for k, v in batch.items():
-      images[k]['target'] = to_float(v['target'])
+    images = jax.tree.map(
+        lambda x: to_float(x) if x.dtype == jnp.uint8 else x, batch)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, images, rng)
     grad_norm = optax.global_norm(grads)
