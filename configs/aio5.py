@@ -94,7 +94,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       at_end=True,  # evaluate when training finishes.
       max_images=0,  # per task; 0 = all.
-      batch_size=1,
+      batch_size=0,  # tiles per sampler call; 0 = one per local device.
       lpips_net='alex',
       fd_vgg16=True,
       tile_size=512,

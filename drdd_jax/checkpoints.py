@@ -92,9 +92,14 @@ def load_export(path: str):
         '`python -m drdd_jax.main --mode=export --workdir=...` first.')
   with open(config_file) as f:
     config = ml_collections.ConfigDict(_tuples(json.load(f)))
-  params = ocp.StandardCheckpointer().restore(
-      os.path.join(os.path.abspath(path), 'params'))
-  return config, params
+  ckptr = ocp.StandardCheckpointer()
+  params_dir = os.path.join(os.path.abspath(path), 'params')
+  # Onto this host's first device, whatever topology wrote the export.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      ckptr.metadata(params_dir).item_metadata)
+  return config, ckptr.restore(params_dir, target)
 
 
 def _tuples(tree: Any) -> Any:

@@ -11,6 +11,7 @@ from typing import Optional
 
 from absl import logging
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 from PIL import Image
 import tqdm
@@ -35,19 +36,31 @@ def get_sampler(config, model, sched):
 
 
 def make_restore_image(config, params, model=None, sched=None):
-  """uint8 [H, W, 3] -> restored uint8 [H, W, 3], tiled above eval.tile_size."""
-  if jax.process_count() > 1:
-    # Every process restores the same images on its own devices, so no
-    # collective waits on a peer that is still compiling another shape.
-    params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
+  """uint8 [H, W, 3] -> restored uint8 [H, W, 3], tiled above eval.tile_size.
+
+  Tiles are restored `eval.batch_size` at a time (0 = one per local device),
+  split over this process's devices. Every process restores on its own
+  devices, so no collective waits on a peer compiling another image shape.
+  """
   model = model or train.create_model(config)
   sched = sched or train.make_schedule(config)
   sample = get_sampler(config, model, sched)
-  key = jax.random.key(config.sampling.seed)
-  sample_fn = lambda y: np.asarray(sample(params, y, key)[0])
+  devices = jax.local_devices()
+  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  params = jax.device_put(jax.device_get(params), NamedSharding(mesh, P()))
+  key = jax.device_put(jax.random.key(config.sampling.seed),
+                       NamedSharding(mesh, P()))
+  split = NamedSharding(mesh, P('data'))
+
+  def sample_fn(y):
+    if len(y) % len(devices) == 0:
+      y = jax.device_put(y, split)
+    return np.asarray(sample(params, y, key)[0])
+
   e = config.eval
   return restore.restore_image_fn(sample_fn, e.tile_size, e.tile_overlap,
-                                  e.batch_size)
+                                  e.batch_size or len(devices))
 
 
 def grid(rows) -> np.ndarray:

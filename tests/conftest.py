@@ -8,7 +8,10 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Tests run a few steps of small programs: XLA's backend optimizations would
+# cost more compile time than they save (subprocesses inherit the flag).
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                      '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'drdd_jax_test_cache'))

@@ -33,7 +33,8 @@ def _config(cache, num_steps):
 
 def _launch(workdir, cache, num_steps):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHON=sys.executable,
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+             '--xla_backend_optimization_level=0')
   flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
   proc = subprocess.run(
       ['bash', 'launch/local_multiprocess.sh', '2',

@@ -1,0 +1,296 @@
+"""Benchmark: the real train step, the sampler, and a plain convolution.
+
+  python -m drdd_jax.bench                                 # aio5 architecture
+  python -m drdd_jax.bench --config=configs/aio5.py:tiny   # the small one
+  python -m drdd_jax.bench --quick                         # < 5 min on 2 CPUs
+  python -m drdd_jax.bench --cases=train --image_size=128  # memory check
+
+Prints one JSON object per case, then a table. Cases:
+- `calibration`: a plain 3x3 convolution (128 -> 128 channels, 64x64, batch
+  8); its FLOP/s is what the other cases are compared with.
+- `train`: `train.make_train_step` + `jit_train_step` on synthetic uint8
+  batches (`--batch` pairs and as many noise targets), one step per dispatch.
+- `sample`: `sampler.make_sampler` (n_res + n_noise network calls) on one
+  `S x S` image for each `S` in `--sample_sizes`.
+
+Each case runs in a fresh subprocess (unless `--noisolate`), so `peak_rss_mib`
+(`ru_maxrss`: compilation included) is that case's own peak. Times are wall
+clock after one warm-up call; `cpu_s_median` (process CPU time) and the load
+average help to read numbers from a shared machine.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs', 'aio5.py')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', _DEFAULT_CONFIG, 'Config file (default: configs/aio5.py).')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 64, 'train: crop size.')
+_BATCH = flags.DEFINE_integer('batch', 4, 'train: global pairs per step (the '
+                              'noise batch follows training.noise_batch_size).')
+_STEPS = flags.DEFINE_integer('steps', None, 'Timed calls per case after one '
+                              'warm-up (default 10; 3 with --quick).')
+_QUICK = flags.DEFINE_bool('quick', False, 'Fewer timed calls.')
+_CASES = flags.DEFINE_list('cases', ['calibration', 'train', 'sample'],
+                           'Cases to run.')
+_SAMPLE_SIZES = flags.DEFINE_list('sample_sizes', ['128', '256'],
+                                  'sample: image sizes.')
+_ISOLATE = flags.DEFINE_bool('isolate', True, 'One subprocess per case.')
+_JSON_OUT = flags.DEFINE_string('json_out', None, 'Also append the JSON here.')
+
+CALIBRATION = dict(batch=8, image_size=64, channels=128)
+
+
+def _steps() -> int:
+  if _STEPS.value is not None:
+    return _STEPS.value
+  return 3 if _QUICK.value else 10
+
+
+def _cpu_s() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def _flops(compiled_or_lowered) -> float:
+  cost = compiled_or_lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
+    cost = cost[0]
+  return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def _time_calls(fn, n: int):
+  """Wall and CPU seconds of `n` calls of `fn` (which blocks), after a warm-up."""
+  fn()
+  wall, cpu = [], []
+  for _ in range(n):
+    t0, c0 = time.perf_counter(), _cpu_s()
+    fn()
+    wall.append(time.perf_counter() - t0)
+    cpu.append(_cpu_s() - c0)
+  return wall, cpu
+
+
+def _record(case, *, image_size, batch, wall, cpu, compile_s, flops,
+            images_per_call, **extra):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  med = float(np.median(wall))
+  stats = {}
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    pass  # CPU devices have no memory statistics.
+  rec = dict(
+      case=case, backend=jax.default_backend(), devices=jax.device_count(),
+      device_kind=jax.devices()[0].device_kind, image_size=image_size,
+      batch=batch, steps=len(wall), time_s_median=med,
+      time_s_min=float(min(wall)), time_s_max=float(max(wall)),
+      cpu_s_median=float(np.median(cpu)),
+      train_step_s_median=None, train_step_s_min=None, train_step_s_max=None,
+      images_per_s=images_per_call / med, compile_s=compile_s,
+      sample_s_per_image=None,
+      peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      peak_device_mib=(stats['peak_bytes_in_use'] / 2**20
+                       if 'peak_bytes_in_use' in stats else None),
+      flops_per_step=flops, achieved_tflops=flops / med / 1e12,
+      fraction_of_calibration=None, load_avg_1m=os.getloadavg()[0])
+  rec.update(extra)
+  return rec
+
+
+# ------------------------------------------------------------------ cases ---
+def bench_calibration(n: int) -> dict:
+  """A plain 3x3 convolution, compiled like the train step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from drdd_jax import unet  # pylint: disable=g-import-not-at-top
+  b, s, c = (CALIBRATION[k] for k in ('batch', 'image_size', 'channels'))
+  x = jax.random.normal(jax.random.key(0), (b, s, s, c))
+  w = jax.random.normal(jax.random.key(1), (3, 3, c, c)) * 0.03
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
+                 compiler_options=unet.compiler_options())
+  t0 = time.perf_counter()
+  compiled = conv.lower(x, w).compile()
+  compile_s = time.perf_counter() - t0
+  wall, cpu = _time_calls(lambda: compiled(x, w).block_until_ready(), n)
+  return _record('calibration', image_size=s, batch=b, wall=wall, cpu=cpu,
+                 compile_s=compile_s, flops=2.0 * b * s * s * c * c * 9,
+                 images_per_call=b, fraction_of_calibration=1.0)
+
+
+def _synthetic_batch(batch: int, noise_batch: int, size: int):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rs = np.random.RandomState(0)
+  images = lambda n: rs.randint(0, 256, (n, size, size, 3), dtype=np.uint8)
+  return {'residual': {'input': images(batch), 'target': images(batch),
+                       'task': np.zeros((batch,), np.int32)},
+          'noise': {'target': images(noise_batch)}}
+
+
+def bench_train(config, image_size: int, batch: int, n: int) -> dict:
+  """The project's train step on random uint8 batches."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
+  with config.unlocked():
+    config.training.batch_size = batch
+    config.training.steps_per_dispatch = 1
+  mesh = train.make_mesh(config.mesh)
+  train.check_config(config, len(mesh.devices.flat))
+  model = train.create_model(config)
+  tx = train.make_optimizer(config)
+  state, shardings = train.create_train_state(config, model, tx, mesh)
+  step = train.jit_train_step(
+      train.make_train_step(config, model, tx, train.make_schedule(config)),
+      shardings, mesh, leading=0)
+  noise_batch = train.noise_batch_size(config)
+  data = train.global_batch(_synthetic_batch(batch, noise_batch, image_size),
+                            mesh)
+  rng = jax.device_put(jax.random.key(0))
+  t0 = time.perf_counter()
+  # The same options as `train.jit_train_step` (Eigen convolutions on CPU).
+  compiled = step.lower(state, data, rng).compile(unet.compiler_options())
+  compile_s = time.perf_counter() - t0
+  box = [state]
+
+  def one_step():
+    box[0], metrics = compiled(box[0], data, rng)
+    jax.block_until_ready((box[0], metrics))
+
+  wall, cpu = _time_calls(one_step, n)
+  rec = _record('train', image_size=image_size, batch=batch, wall=wall,
+                cpu=cpu, compile_s=compile_s, flops=_flops(compiled),
+                images_per_call=batch + noise_batch, noise_batch=noise_batch,
+                compute_dtype=train.compute_dtype(config).name,
+                remat=bool(config.model.remat),
+                params=unet.count_params(state.params))
+  rec.update(train_step_s_median=rec['time_s_median'],
+             train_step_s_min=rec['time_s_min'],
+             train_step_s_max=rec['time_s_max'])
+  return rec
+
+
+def bench_sample(config, size: int, n: int) -> dict:
+  """`sampler.make_sampler` on one random size x size image."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from drdd_jax import sampler, schedules, train, unet  # pylint: disable=g-import-not-at-top
+  model = train.create_model(config)
+  params = jax.jit(lambda r: unet.init_params(model, r))(jax.random.key(0))
+  sample = sampler.make_sampler(model, train.make_schedule(config),
+                                config.diffusion, config.sampling)
+  y = jax.random.uniform(jax.random.key(1), (1, size, size, 3), jnp.float32,
+                         -1.0, 1.0)
+  rng = jax.device_put(jax.random.key(2))
+  t0 = time.perf_counter()
+  compiled = sample.lower(params, y, rng).compile()
+  compile_s = time.perf_counter() - t0
+  # The sampler's loops are counted once by XLA's cost analysis: count one
+  # network call and multiply.
+  calls = config.sampling.n_res + config.sampling.n_noise
+  t_in = jnp.zeros((1,), jnp.float32)
+  one_call = jax.jit(lambda p, x: model.apply(
+      {'params': p}, x, x, t_in, schedules.RESIDUAL)).lower(params, y)
+  wall, cpu = _time_calls(
+      lambda: jax.block_until_ready(compiled(params, y, rng)), n)
+  rec = _record('sample', image_size=size, batch=1, wall=wall, cpu=cpu,
+                compile_s=compile_s, flops=calls * _flops(one_call),
+                images_per_call=1, network_calls=calls,
+                compute_dtype=train.compute_dtype(config).name)
+  rec['sample_s_per_image'] = rec['time_s_median']
+  return rec
+
+
+# ------------------------------------------------------------- reporting ---
+def add_fractions(records):
+  """Sets `fraction_of_calibration` from the calibration case, if measured."""
+  cal = [r for r in records if r['case'] == 'calibration']
+  if cal:
+    for r in records:
+      r['fraction_of_calibration'] = (r['achieved_tflops'] /
+                                      cal[0]['achieved_tflops'])
+  return records
+
+
+def table(records) -> str:
+  cols = [('case', '{}'), ('image_size', '{}'), ('batch', '{}'),
+          ('time_s_median', '{:.3f}'), ('time_s_min', '{:.3f}'),
+          ('time_s_max', '{:.3f}'), ('images_per_s', '{:.2f}'),
+          ('compile_s', '{:.1f}'), ('flops_per_step', '{:.3g}'),
+          ('achieved_tflops', '{:.4f}'), ('fraction_of_calibration', '{:.2f}'),
+          ('peak_rss_mib', '{:.0f}'), ('load_avg_1m', '{:.1f}')]
+  rows = [[name for name, _ in cols]]
+  for r in records:
+    rows.append(['-' if r.get(k) is None else fmt.format(r[k])
+                 for k, fmt in cols])
+  widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+  return '\n'.join('  '.join(v.rjust(w) for v, w in zip(row, widths))
+                   for row in rows)
+
+
+def _units():
+  units = []
+  for case in _CASES.value:
+    if case == 'sample':
+      units += [('sample', int(s)) for s in _SAMPLE_SIZES.value]
+    elif case in ('calibration', 'train'):
+      units.append((case, None))
+    else:
+      raise app.UsageError(f'Unknown case {case!r} (calibration, train, '
+                           'sample).')
+  return units
+
+
+def run_unit(case, size):
+  config = _CONFIG.value
+  n = _steps()
+  if case == 'calibration':
+    return bench_calibration(n)
+  if case == 'train':
+    return bench_train(config, _IMAGE_SIZE.value, _BATCH.value, n)
+  return bench_sample(config, size, max(1, min(n, 5)))
+
+
+def _run_isolated(case, size, argv):
+  """Runs one case in a fresh interpreter; returns its record."""
+  with tempfile.NamedTemporaryFile('r', suffix='.json') as out:
+    args = [a for a in argv[1:] if not a.startswith(
+        ('--cases', '--sample_sizes', '--isolate', '--noisolate',
+         '--json_out'))]
+    args += [f'--cases={case}', '--noisolate', f'--json_out={out.name}']
+    if size is not None:
+      args.append(f'--sample_sizes={size}')
+    subprocess.run([sys.executable, '-m', 'drdd_jax.bench'] + args,
+                   check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read().splitlines()[-1])
+
+
+def main(argv):
+  records = []
+  for case, size in _units():
+    if _ISOLATE.value:
+      rec = _run_isolated(case, size, sys.argv)
+    else:
+      rec = run_unit(case, size)
+    records.append(rec)
+  add_fractions(records)
+  for r in records:
+    print(json.dumps(r), flush=True)
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, 'a') as f:
+      f.writelines(json.dumps(r) + '\n' for r in records)
+  if _ISOLATE.value or len(records) > 1:
+    print(table(records))
+
+
+if __name__ == '__main__':
+  app.run(main)
