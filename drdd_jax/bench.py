@@ -46,14 +46,38 @@ _SAMPLE_SIZES = flags.DEFINE_list('sample_sizes', ['128', '256'],
                                   'sample: image sizes.')
 _ISOLATE = flags.DEFINE_bool('isolate', True, 'One subprocess per case.')
 _JSON_OUT = flags.DEFINE_string('json_out', None, 'Also append the JSON here.')
+_EIGEN_CONVS = flags.DEFINE_bool(
+    'eigen_convs', True, 'calibration, train: compile with '
+    '`unet.compiler_options()` (XLA:CPU convolutions on Eigen); '
+    '--noeigen_convs puts them on YNNPACK, as jaxlib 0.10 does by default.')
 
 CALIBRATION = dict(batch=8, image_size=64, channels=128)
+# Parameter initialization runs once: skip XLA's slow optimization passes.
+_RUN_ONCE = {'xla_backend_optimization_level': 0}
 
 
 def _steps() -> int:
   if _STEPS.value is not None:
     return _STEPS.value
   return 3 if _QUICK.value else 10
+
+
+def _compiler_options():
+  """Options for the calibration and train cases (see `--eigen_convs`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from drdd_jax import unet  # pylint: disable=g-import-not-at-top
+  if _EIGEN_CONVS.value or jax.default_backend() != 'cpu':
+    return unet.compiler_options()
+  return {'xla_cpu_experimental_ynn_fusion_type':
+              'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,'
+              'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
+
+
+def _xla_convs():
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != 'cpu':
+    return None
+  return 'eigen' if _EIGEN_CONVS.value else 'ynnpack'
 
 
 def _cpu_s() -> float:
@@ -112,20 +136,20 @@ def _record(case, *, image_size, batch, wall, cpu, compile_s, flops,
 def bench_calibration(n: int) -> dict:
   """A plain 3x3 convolution, compiled like the train step."""
   import jax  # pylint: disable=g-import-not-at-top
-  from drdd_jax import unet  # pylint: disable=g-import-not-at-top
   b, s, c = (CALIBRATION[k] for k in ('batch', 'image_size', 'channels'))
   x = jax.random.normal(jax.random.key(0), (b, s, s, c))
   w = jax.random.normal(jax.random.key(1), (3, 3, c, c)) * 0.03
   conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
-                 compiler_options=unet.compiler_options())
+                 compiler_options=_compiler_options())
   t0 = time.perf_counter()
   compiled = conv.lower(x, w).compile()
   compile_s = time.perf_counter() - t0
   wall, cpu = _time_calls(lambda: compiled(x, w).block_until_ready(), n)
   return _record('calibration', image_size=s, batch=b, wall=wall, cpu=cpu,
                  compile_s=compile_s, flops=2.0 * b * s * s * c * c * 9,
-                 images_per_call=b, fraction_of_calibration=1.0)
+                 images_per_call=b, fraction_of_calibration=1.0,
+                 xla_convs=_xla_convs())
 
 
 def _synthetic_batch(batch: int, noise_batch: int, size: int):
@@ -157,8 +181,8 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
                             mesh)
   rng = jax.device_put(jax.random.key(0))
   t0 = time.perf_counter()
-  # The same options as `train.jit_train_step` (Eigen convolutions on CPU).
-  compiled = step.lower(state, data, rng).compile(unet.compiler_options())
+  # `unet.compiler_options()`, as `train.jit_train_step` should pass them.
+  compiled = step.lower(state, data, rng).compile(_compiler_options())
   compile_s = time.perf_counter() - t0
   box = [state]
 
@@ -171,7 +195,7 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
                 cpu=cpu, compile_s=compile_s, flops=_flops(compiled),
                 images_per_call=batch + noise_batch, noise_batch=noise_batch,
                 compute_dtype=train.compute_dtype(config).name,
-                remat=bool(config.model.remat),
+                remat=bool(config.model.remat), xla_convs=_xla_convs(),
                 params=unet.count_params(state.params))
   rec.update(train_step_s_median=rec['time_s_median'],
              train_step_s_min=rec['time_s_min'],
@@ -185,7 +209,9 @@ def bench_sample(config, size: int, n: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from drdd_jax import sampler, schedules, train, unet  # pylint: disable=g-import-not-at-top
   model = train.create_model(config)
-  params = jax.jit(lambda r: unet.init_params(model, r))(jax.random.key(0))
+  init = jax.jit(lambda r: unet.init_params(model, r)).lower(jax.random.key(0))
+  params = init.compile(_RUN_ONCE if jax.default_backend() == 'cpu' else None)(
+      jax.random.key(0))
   sample = sampler.make_sampler(model, train.make_schedule(config),
                                 config.diffusion, config.sampling)
   y = jax.random.uniform(jax.random.key(1), (1, size, size, 3), jnp.float32,
@@ -205,7 +231,8 @@ def bench_sample(config, size: int, n: int) -> dict:
   rec = _record('sample', image_size=size, batch=1, wall=wall, cpu=cpu,
                 compile_s=compile_s, flops=calls * _flops(one_call),
                 images_per_call=1, network_calls=calls,
-                compute_dtype=train.compute_dtype(config).name)
+                compute_dtype=train.compute_dtype(config).name,
+                xla_convs='ynnpack' if jax.default_backend() == 'cpu' else None)
   rec['sample_s_per_image'] = rec['time_s_median']
   return rec
 
@@ -251,6 +278,9 @@ def _units():
 
 
 def run_unit(case, size):
+  import jax  # pylint: disable=g-import-not-at-top
+  # compile_s is a real compile, not a read from a persistent cache.
+  jax.config.update('jax_enable_compilation_cache', False)
   config = _CONFIG.value
   n = _steps()
   if case == 'calibration':

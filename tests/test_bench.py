@@ -1,0 +1,59 @@
+"""`python -m drdd_jax.bench` keeps working: quick run on the tiny config."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from drdd_jax import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ('case', 'backend', 'devices', 'image_size', 'batch',
+        'train_step_s_median', 'train_step_s_min', 'train_step_s_max',
+        'images_per_s', 'compile_s', 'sample_s_per_image', 'peak_rss_mib',
+        'flops_per_step', 'achieved_tflops', 'fraction_of_calibration')
+
+
+@pytest.mark.slow
+def test_quick_bench_on_tiny_config(tmp_path):
+  out = tmp_path / 'bench.jsonl'
+  # One CPU device; XLA's backend optimizations off (a smoke test: they would
+  # cost more compile time than the two timed steps).
+  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'drdd_jax.bench', '--config=configs/aio5.py:tiny',
+       '--quick', '--steps=2', '--image_size=32', '--sample_sizes=32',
+       f'--json_out={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  printed = [json.loads(l) for l in proc.stdout.splitlines()
+             if l.startswith('{')]
+  assert printed == [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r['case'] for r in printed] == ['calibration', 'train', 'sample']
+  cal, tr, sa = printed
+  for r in printed:
+    assert set(KEYS) <= set(r), set(KEYS) - set(r)
+    assert r['backend'] == 'cpu' and r['devices'] == 1
+    assert r['flops_per_step'] > 0 and r['peak_rss_mib'] > 0
+    assert r['fraction_of_calibration'] > 0
+  assert cal['fraction_of_calibration'] == 1.0
+  assert tr['steps'] == 2 and tr['batch'] == 4 and tr['image_size'] == 32
+  assert 0 < tr['train_step_s_min'] <= tr['train_step_s_median']
+  assert tr['train_step_s_median'] <= tr['train_step_s_max']
+  assert tr['images_per_s'] == pytest.approx(8 / tr['train_step_s_median'])
+  assert sa['image_size'] == 32 and sa['sample_s_per_image'] > 0
+  assert sa['train_step_s_median'] is None
+  assert 'fraction_of_calibration' in proc.stdout  # The table's header.
+
+
+def test_fractions_and_table():
+  recs = [dict(case='calibration', achieved_tflops=0.1),
+          dict(case='train', achieved_tflops=0.08, image_size=64)]
+  bench.add_fractions(recs)
+  assert [r['fraction_of_calibration'] for r in recs] == pytest.approx([1, 0.8])
+  text = bench.table(recs)
+  assert text.splitlines()[0].split()[0] == 'case'
+  assert '0.80' in text and '-' in text  # Missing fields print as '-'.
