@@ -241,7 +241,7 @@ def make_train_step(config, model, tx, sched):
         lambda x: to_float(x) if x.dtype == jnp.uint8 else x, batch)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, images, rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1
