@@ -149,11 +149,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
         0.0, o.learning_rate, o.warmup_steps, max(config.training.num_steps,
                                                   o.warmup_steps + 1))
   elif o.schedule == 'constant':
+    # linear_schedule holds its end value after the warm-up.
     lr = (optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
           if o.warmup_steps else o.learning_rate)
-    if o.warmup_steps:
-      lr = optax.join_schedules([lr, optax.constant_schedule(o.learning_rate)],
-                                [o.warmup_steps])
   else:
     raise ValueError(f"optim.schedule={o.schedule!r}: must be 'constant' or "
                      "'cosine'.")
