@@ -4,6 +4,7 @@
   python -m drdd_jax.bench --config=configs/aio5.py:tiny   # the small one
   python -m drdd_jax.bench --quick                         # < 5 min on 2 CPUs
   python -m drdd_jax.bench --cases=train --image_size=128  # memory check
+  python -m drdd_jax.bench --cases=train --profile_dir=/tmp/prof  # where time goes
 
 Prints one JSON object per case, then a table. Cases:
 - `calibration`: a plain 3x3 convolution (128 -> 128 channels, 64x64, batch
@@ -46,10 +47,15 @@ _SAMPLE_SIZES = flags.DEFINE_list('sample_sizes', ['128', '256'],
                                   'sample: image sizes.')
 _ISOLATE = flags.DEFINE_bool('isolate', True, 'One subprocess per case.')
 _JSON_OUT = flags.DEFINE_string('json_out', None, 'Also append the JSON here.')
+_PROFILE_DIR = flags.DEFINE_string(
+    'profile_dir', None, 'train, sample: trace one more call with '
+    '`jax.profiler` (a Perfetto trace under DIR/<case>) and add the XLA ops '
+    'that took longest, summed by kind, to the JSON as `profile_top_ops`.')
 _EIGEN_CONVS = flags.DEFINE_bool(
     'eigen_convs', True, 'calibration, train: compile with '
-    '`unet.compiler_options()` (XLA:CPU convolutions on Eigen); '
-    '--noeigen_convs puts them on YNNPACK, as jaxlib 0.10 does by default.')
+    '`unet.compiler_options()` (XLA:CPU convolutions on Eigen, as training '
+    'does); --noeigen_convs puts them on YNNPACK, jaxlib 0.10\'s default. '
+    'The sampler always uses `unet.compiler_options()`.')
 
 CALIBRATION = dict(batch=8, image_size=64, channels=128)
 # Parameter initialization runs once: skip XLA's slow optimization passes.
@@ -92,6 +98,16 @@ def _flops(compiled_or_lowered) -> float:
   return float(cost.get('flops', 0.0)) if cost else 0.0
 
 
+def _xla_memory(compiled) -> dict:
+  """XLA's buffer sizes for one call (MiB): temporaries and arguments."""
+  try:
+    m = compiled.memory_analysis()
+    return dict(xla_temp_mib=m.temp_size_in_bytes / 2**20,
+                xla_argument_mib=m.argument_size_in_bytes / 2**20)
+  except Exception:  # pylint: disable=broad-except
+    return {}  # Not every backend reports it.
+
+
 def _time_calls(fn, n: int):
   """Wall and CPU seconds of `n` calls of `fn` (which blocks), after a warm-up."""
   fn()
@@ -102,6 +118,40 @@ def _time_calls(fn, n: int):
     wall.append(time.perf_counter() - t0)
     cpu.append(_cpu_s() - c0)
   return wall, cpu
+
+
+def _profile(fn, name: str):
+  """Traces one call of `fn`; returns [[op kind, ms, count], ...], longest first.
+
+  Op kinds are XLA instruction names without their numeric suffix. Ops that
+  run concurrently on the thread pool overlap, so the column can sum to more
+  than the wall time: read it as where the time goes, not as a partition.
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if not _PROFILE_DIR.value:
+    return None
+  out = os.path.join(_PROFILE_DIR.value, name)
+  with jax.profiler.trace(out, create_perfetto_trace=True):
+    fn()
+  trace = sorted(glob.glob(os.path.join(out, '**', 'perfetto_trace.json.gz'),
+                           recursive=True))[-1]
+  with gzip.open(trace) as f:
+    events = json.load(f)
+  events = events.get('traceEvents', []) if isinstance(events, dict) else events
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    name_ = e.get('name', '')
+    if e.get('ph') != 'X' or name_.startswith('$') or 'Thunk' in name_ or (
+        'Pjit' in name_) or 'PjRt' in name_:
+      continue
+    kind = re.sub(r'\.\d+$', '', name_)
+    total[kind] += e.get('dur', 0) / 1e3
+    count[kind] += 1
+  return [[k, round(ms, 1), count[k]] for k, ms in total.most_common(15)]
 
 
 def _record(case, *, image_size, batch, wall, cpu, compile_s, flops,
@@ -181,9 +231,11 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
                             mesh)
   rng = jax.device_put(jax.random.key(0))
   t0 = time.perf_counter()
-  # `unet.compiler_options()`, as `train.jit_train_step` should pass them.
+  # `jit_train_step` passes `unet.compiler_options()`; --noeigen_convs
+  # overrides them here.
   compiled = step.lower(state, data, rng).compile(_compiler_options())
   compile_s = time.perf_counter() - t0
+  train.release_freed_host_memory()  # As the training loop does.
   box = [state]
 
   def one_step():
@@ -196,7 +248,10 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
                 images_per_call=batch + noise_batch, noise_batch=noise_batch,
                 compute_dtype=train.compute_dtype(config).name,
                 remat=bool(config.model.remat), xla_convs=_xla_convs(),
-                params=unet.count_params(state.params))
+                params=unet.count_params(state.params),
+                **_xla_memory(compiled))
+  # After `_record`: the trace must not count in `peak_rss_mib`.
+  rec['profile_top_ops'] = _profile(one_step, 'train')
   rec.update(train_step_s_median=rec['time_s_median'],
              train_step_s_min=rec['time_s_min'],
              train_step_s_max=rec['time_s_max'])
@@ -226,13 +281,14 @@ def bench_sample(config, size: int, n: int) -> dict:
   t_in = jnp.zeros((1,), jnp.float32)
   one_call = jax.jit(lambda p, x: model.apply(
       {'params': p}, x, x, t_in, schedules.RESIDUAL)).lower(params, y)
-  wall, cpu = _time_calls(
-      lambda: jax.block_until_ready(compiled(params, y, rng)), n)
+  call = lambda: jax.block_until_ready(compiled(params, y, rng))
+  wall, cpu = _time_calls(call, n)
   rec = _record('sample', image_size=size, batch=1, wall=wall, cpu=cpu,
                 compile_s=compile_s, flops=calls * _flops(one_call),
                 images_per_call=1, network_calls=calls,
                 compute_dtype=train.compute_dtype(config).name,
-                xla_convs='ynnpack' if jax.default_backend() == 'cpu' else None)
+                xla_convs='eigen' if jax.default_backend() == 'cpu' else None)
+  rec['profile_top_ops'] = _profile(call, f'sample_{size}')
   rec['sample_s_per_image'] = rec['time_s_median']
   return rec
 

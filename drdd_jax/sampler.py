@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drdd_jax import schedules
+from drdd_jax import unet
 
 # model_fn(x_t, cond, t_input, phase) -> prediction (params already bound).
 DenoiseFn = Callable[..., jax.Array]
@@ -147,4 +148,4 @@ def make_sampler(model, sched: schedules.Schedule, diffusion_config,
                        noise_condition=cfg.noise_condition,
                        return_trajectory=return_trajectory)
 
-  return jax.jit(sample)
+  return jax.jit(sample, compiler_options=unet.compiler_options())

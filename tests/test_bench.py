@@ -25,7 +25,7 @@ def test_quick_bench_on_tiny_config(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'drdd_jax.bench', '--config=configs/aio5.py:tiny',
        '--quick', '--steps=2', '--image_size=32', '--sample_sizes=32',
-       f'--json_out={out}'],
+       f'--json_out={out}', f'--profile_dir={tmp_path / "prof"}'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
       check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -47,6 +47,12 @@ def test_quick_bench_on_tiny_config(tmp_path):
   assert sa['image_size'] == 32 and sa['sample_s_per_image'] > 0
   assert sa['train_step_s_median'] is None
   assert 'fraction_of_calibration' in proc.stdout  # The table's header.
+  # --profile_dir: a trace per case and its longest XLA ops.
+  assert (tmp_path / 'prof' / 'train').is_dir()
+  for r in (tr, sa):
+    kinds = [k for k, ms, n in r['profile_top_ops']]
+    assert kinds and all(ms >= 0 and n > 0 for _, ms, n in r['profile_top_ops'])
+    assert not any(k.startswith('$') for k in kinds)
 
 
 def test_fractions_and_table():

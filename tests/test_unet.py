@@ -64,3 +64,63 @@ def test_bad_model_config_names_the_field(tiny):
   tiny.model.groups = 5
   with pytest.raises(ValueError, match='model.groups'):
     unet.create_model(tiny.model)
+
+
+def test_fast_layers_equal_the_reference_layers():
+  """GroupNorm and WSConv are written for XLA:CPU: the reference maths."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 6, 10, 16)) * 3 + 1
+  rng = jax.random.key(1)
+
+  ours, ref = unet.GroupNorm(4), nn.GroupNorm(4, epsilon=1e-5)
+  p = ref.init(rng, x)
+  p = jax.tree.map(lambda v: v + jax.random.normal(rng, v.shape), p)
+  assert jax.tree.structure(ours.init(rng, x)) == jax.tree.structure(p)
+  np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=2e-5)
+
+  conv = unet.WSConv(8)
+  p = conv.init(rng, x)
+  w = p['params']['kernel']
+  w_std = (w - w.mean((0, 1, 2))) / jnp.sqrt(w.var((0, 1, 2)) + 1e-5)
+  want = jax.lax.conv_general_dilated(
+      x, w_std, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(conv.apply(p, x), want, atol=1e-4)
+
+
+def test_linear_attention_equals_per_head_reference():
+  """The fused linear attention == the per-head einsum formulation."""
+  attn = unet.LinearAttention(heads=2, head_dim=4)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6)) * 2
+  p = attn.init(jax.random.key(1), x)['params']
+
+  def reference(x):
+    ln = lambda v: (v - v.mean(-1, keepdims=True)) / jnp.sqrt(
+        v.var(-1, keepdims=True) + 1e-5)
+    qkv = (ln(x) * p['LayerNorm_0']['scale']) @ p['Conv_0']['kernel'][0, 0]
+    q, k, v = qkv.reshape(2, -1, 3, 2, 4).transpose(2, 0, 1, 3, 4)
+    q = jax.nn.softmax(q, axis=-1) * 4**-0.5
+    k = jax.nn.softmax(k, axis=1)
+    context = jnp.einsum('bnhd,bnhe->bhde', k, v)
+    out = jnp.einsum('bhde,bnhd->bnhe', context, q).reshape(x.shape[:-1] + (8,))
+    out = out @ p['Conv_1']['kernel'][0, 0] + p['Conv_1']['bias']
+    return x + ln(out) * p['LayerNorm_1']['scale']
+
+  p = jax.tree.map(lambda v: v + 0.3 * jax.random.normal(jax.random.key(2), v.shape), p)
+  got = attn.apply({'params': p}, x)
+  np.testing.assert_allclose(got, reference(x), atol=1e-4)
+  loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)))
+  np.testing.assert_allclose(
+      jax.grad(loss(lambda x: attn.apply({'params': p}, x)))(x),
+      jax.grad(loss(reference))(x), atol=1e-4)
+
+
+def test_remat_keeps_parameter_names(tiny):
+  """Checkpoints do not depend on model.remat."""
+  shapes = {}
+  for remat in (False, True):
+    with tiny.unlocked():
+      tiny.model.remat = remat
+    model = unet.create_model(tiny.model)
+    shapes[remat] = jax.eval_shape(
+        lambda m=model: unet.init_params(m, jax.random.key(0)))
+  assert jax.tree.structure(shapes[False]) == jax.tree.structure(shapes[True])

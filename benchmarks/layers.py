@@ -1,0 +1,74 @@
+"""Micro-benchmark: the UNet's norm layers against their textbook forms.
+
+  python benchmarks/layers.py
+
+GroupNorm (`nn.GroupNorm` vs `unet.GroupNorm`, alone and with FiLM + SiLU)
+and weight standardization (`mean(axis=(0, 1, 2))` vs the [kh*kw*in, out]
+view `unet.WSConv` uses), forward and forward+backward, under
+`unet.compiler_options()`. docs/performance.md quotes it.
+"""
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drdd_jax import unet
+
+
+def bench(name, f, *args, n=10):
+  compiled = jax.jit(f).lower(*args).compile(unet.compiler_options())
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t)
+  print(f'{name:52s} {np.median(times) * 1e3:8.2f} ms', flush=True)
+
+
+def ws_textbook(w):
+  mean = w.mean(axis=(0, 1, 2), keepdims=True)
+  var = w.var(axis=(0, 1, 2), keepdims=True)
+  return (w - mean) * jax.lax.rsqrt(var + 1e-5)
+
+
+def ws_rows(w):
+  rows = w.reshape(-1, w.shape[-1])
+  mean = rows.sum(axis=0) / rows.shape[0]
+  var = jnp.square(rows - mean).sum(axis=0) / rows.shape[0]
+  return ((rows - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(w.shape)
+
+
+def main():
+  key = jax.random.key(0)
+  norms = {'nn.GroupNorm': nn.GroupNorm(8, epsilon=1e-5),
+           'unet.GroupNorm': unet.GroupNorm(8)}
+  for shape in [(1, 256, 256, 64), (8, 64, 64, 64)]:
+    x = jax.random.normal(key, shape)
+    film = jax.random.normal(key, (shape[0], 2 * shape[-1]))
+    for name, norm in norms.items():
+      p = norm.init(key, x)
+      f = lambda x, p=p, norm=norm: norm.apply(p, x)
+
+      def block(x, film, f=f):
+        scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
+        return jax.nn.silu(f(x) * (scale + 1) + shift)
+
+      tag = f'{name} {shape}'
+      bench(f'{tag} fwd', f, x)
+      bench(f'{tag} +FiLM+SiLU fwd', block, x, film)
+      bench(f'{tag} +FiLM+SiLU fwd+bwd', lambda x, film, block=block: jax.grad(
+          lambda x, film: jnp.sum(block(x, film) * x), argnums=(0, 1))(
+              x, film), x, film)
+  w = jax.random.normal(key, (3, 3, 512, 512))
+  g = jax.random.normal(jax.random.key(1), w.shape)
+  for name, f in (('mean(axis=(0, 1, 2))', ws_textbook), ('rows view', ws_rows)):
+    bench(f'weight standardization {name} fwd', f, w)
+    bench(f'weight standardization {name} fwd+bwd',
+          lambda w, f=f: jax.vjp(f, w)[1](g)[0], w)
+
+
+if __name__ == '__main__':
+  main()
