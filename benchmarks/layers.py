@@ -7,25 +7,17 @@ and weight standardization (`mean(axis=(0, 1, 2))` vs the [kh*kw*in, out]
 view `unet.WSConv` uses), forward and forward+backward, under
 `unet.compiler_options()`. docs/performance.md quotes it.
 """
-import time
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from drdd_jax import unet
+from drdd_jax.bench import median_call_s
 
 
-def bench(name, f, *args, n=10):
-  compiled = jax.jit(f).lower(*args).compile(unet.compiler_options())
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t)
-  print(f'{name:52s} {np.median(times) * 1e3:8.2f} ms', flush=True)
+def bench(name, f, *args):
+  ms = 1e3 * median_call_s(f, args, unet.compiler_options())
+  print(f'{name:52s} {ms:8.2f} ms', flush=True)
 
 
 def ws_textbook(w):

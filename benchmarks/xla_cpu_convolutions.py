@@ -8,11 +8,11 @@ oneDNN, XNNPACK), in float32 and bfloat16, a matmul of the same FLOPs, and a
 Winograd F(2x2, 3x3) convolution written in JAX. Prints milliseconds and
 GFLOP/s (direct-convolution FLOPs). docs/performance.md quotes it.
 """
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from drdd_jax.bench import median_call_s
 
 _DOT = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
 OPTIONS = {
@@ -32,14 +32,7 @@ OPTIONS = {
 
 
 def bench(name, f, args, flops, options, n=5):
-  compiled = jax.jit(f).lower(*args).compile(options)
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t)
-  med = float(np.median(times))
+  med = median_call_s(f, args, options, n)
   print(f'{name:48s} {med * 1e3:8.1f} ms {flops / med / 1e9:7.1f} GFLOP/s',
         flush=True)
 

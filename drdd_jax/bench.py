@@ -120,6 +120,18 @@ def _time_calls(fn, n: int):
   return wall, cpu
 
 
+def median_call_s(f, args, compiler_options=None, n: int = 10) -> float:
+  """Median wall seconds of `jax.jit(f)(*args)`, after compiling and a warm-up.
+
+  For micro-benchmarks (benchmarks/*.py).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  compiled = jax.jit(f).lower(*args).compile(compiler_options)
+  wall, _ = _time_calls(lambda: jax.block_until_ready(compiled(*args)), n)
+  return float(np.median(wall))
+
+
 def _profile(fn, name: str):
   """Traces one call of `fn`; returns [[op kind, ms, count], ...], longest first.
 
