@@ -13,6 +13,14 @@ Prints one JSON object per case, then a table. Cases:
   batches (`--batch` pairs and as many noise targets), one step per dispatch.
 - `sample`: `sampler.make_sampler` (n_res + n_noise network calls) on one
   `S x S` image for each `S` in `--sample_sizes`.
+- `matmul` (not run by default): an 8192^3 bf16 matrix product, the measured
+  ceiling of an accelerator's matrix units.
+
+`flops_per_step` is XLA's cost analysis of the program as written (lowered
+for CPU, so it is the same number on every backend: accelerator compilers hide
+convolutions in library calls that their own cost analysis does not count).
+On an accelerator whose bf16 dense peak is known (`PEAK_BF16_TFLOPS`),
+`model_flops_utilization` is the achieved FLOP/s over that peak.
 
 Each case runs in a fresh subprocess (unless `--noisolate`), so `peak_rss_mib`
 (`ru_maxrss`: compilation included) is that case's own peak. Times are wall
@@ -42,7 +50,7 @@ _STEPS = flags.DEFINE_integer('steps', None, 'Timed calls per case after one '
                               'warm-up (default 10; 3 with --quick).')
 _QUICK = flags.DEFINE_bool('quick', False, 'Fewer timed calls.')
 _CASES = flags.DEFINE_list('cases', ['calibration', 'train', 'sample'],
-                           'Cases to run.')
+                           'Cases to run (also: matmul).')
 _SAMPLE_SIZES = flags.DEFINE_list('sample_sizes', ['128', '256'],
                                   'sample: image sizes.')
 _ISOLATE = flags.DEFINE_bool('isolate', True, 'One subprocess per case.')
@@ -58,6 +66,12 @@ _EIGEN_CONVS = flags.DEFINE_bool(
     'The sampler always uses `unet.compiler_options()`.')
 
 CALIBRATION = dict(batch=8, image_size=64, channels=128)
+MATMUL_SIZE = 8192
+# Dense bf16 peaks (TFLOP/s, datasheets) by a substring of `device_kind`; the
+# first match wins.
+PEAK_BF16_TFLOPS = (('H100 PCIe', 756.0), ('H100', 989.4), ('H200', 989.4),
+                    ('A100', 312.0), ('TPU v4', 275.0), ('TPU v5 lite', 197.0),
+                    ('TPU v5', 459.0), ('TPU v6', 918.0))
 # Parameter initialization runs once: skip XLA's slow optimization passes.
 _RUN_ONCE = {'xla_backend_optimization_level': 0}
 
@@ -91,11 +105,24 @@ def _cpu_s() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def _flops(compiled_or_lowered) -> float:
-  cost = compiled_or_lowered.cost_analysis()
+def model_flops(fn, *args) -> float:
+  """XLA's FLOP count of `fn(*args)`, lowered for CPU whatever the backend."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  specs = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
+  cost = jax.jit(fn).lower(*specs).cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0]
   return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def peak_bf16_tflops(device_kind: str):
+  """The datasheet bf16 dense peak of `device_kind`, or None if unknown."""
+  for name, peak in PEAK_BF16_TFLOPS:
+    if name in device_kind:
+      return peak
+  return None
 
 
 def _xla_memory(compiled) -> dict:
@@ -147,12 +174,16 @@ def _profile(fn, name: str):
   if not _PROFILE_DIR.value:
     return None
   out = os.path.join(_PROFILE_DIR.value, name)
-  with jax.profiler.trace(out, create_perfetto_trace=True):
-    fn()
-  trace = sorted(glob.glob(os.path.join(out, '**', 'perfetto_trace.json.gz'),
-                           recursive=True))[-1]
-  with gzip.open(trace) as f:
-    events = json.load(f)
+  try:
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+      fn()
+    trace = sorted(glob.glob(os.path.join(out, '**', 'perfetto_trace.json.gz'),
+                             recursive=True))[-1]
+    with gzip.open(trace) as f:
+      events = json.load(f)
+  except Exception as e:  # pylint: disable=broad-except
+    # A diagnostic: the case's timings stand without it.
+    return [[f'profile failed: {type(e).__name__}: {e}', 0.0, 0]]
   events = events.get('traceEvents', []) if isinstance(events, dict) else events
   total, count = collections.Counter(), collections.Counter()
   for e in events:
@@ -171,6 +202,8 @@ def _record(case, *, image_size, batch, wall, cpu, compile_s, flops,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   med = float(np.median(wall))
+  device_kind = jax.devices()[0].device_kind
+  peak = peak_bf16_tflops(device_kind)
   stats = {}
   try:
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -178,18 +211,21 @@ def _record(case, *, image_size, batch, wall, cpu, compile_s, flops,
     pass  # CPU devices have no memory statistics.
   rec = dict(
       case=case, backend=jax.default_backend(), devices=jax.device_count(),
-      device_kind=jax.devices()[0].device_kind, image_size=image_size,
+      device_kind=device_kind, image_size=image_size,
       batch=batch, steps=len(wall), time_s_median=med,
       time_s_min=float(min(wall)), time_s_max=float(max(wall)),
       cpu_s_median=float(np.median(cpu)),
       train_step_s_median=None, train_step_s_min=None, train_step_s_max=None,
-      images_per_s=images_per_call / med, compile_s=compile_s,
+      images_per_s=images_per_call / med if images_per_call else None,
+      compile_s=compile_s,
       sample_s_per_image=None,
       peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       peak_device_mib=(stats['peak_bytes_in_use'] / 2**20
                        if 'peak_bytes_in_use' in stats else None),
       flops_per_step=flops, achieved_tflops=flops / med / 1e12,
-      fraction_of_calibration=None, load_avg_1m=os.getloadavg()[0])
+      fraction_of_calibration=None, peak_bf16_tflops=peak,
+      model_flops_utilization=flops / med / 1e12 / peak if peak else None,
+      load_avg_1m=os.getloadavg()[0])
   rec.update(extra)
   return rec
 
@@ -235,9 +271,9 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
   model = train.create_model(config)
   tx = train.make_optimizer(config)
   state, shardings = train.create_train_state(config, model, tx, mesh)
-  step = train.jit_train_step(
-      train.make_train_step(config, model, tx, train.make_schedule(config)),
-      shardings, mesh, leading=0)
+  train_step = train.make_train_step(config, model, tx,
+                                     train.make_schedule(config))
+  step = train.jit_train_step(train_step, shardings, mesh, leading=0)
   noise_batch = train.noise_batch_size(config)
   data = train.global_batch(_synthetic_batch(batch, noise_batch, image_size),
                             mesh)
@@ -256,7 +292,8 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
 
   wall, cpu = _time_calls(one_step, n)
   rec = _record('train', image_size=image_size, batch=batch, wall=wall,
-                cpu=cpu, compile_s=compile_s, flops=_flops(compiled),
+                cpu=cpu, compile_s=compile_s,
+                flops=model_flops(train_step, state, data, rng),
                 images_per_call=batch + noise_batch, noise_batch=noise_batch,
                 compute_dtype=train.compute_dtype(config).name,
                 remat=bool(config.model.remat), xla_convs=_xla_convs(),
@@ -290,19 +327,35 @@ def bench_sample(config, size: int, n: int) -> dict:
   # The sampler's loops are counted once by XLA's cost analysis: count one
   # network call and multiply.
   calls = config.sampling.n_res + config.sampling.n_noise
-  t_in = jnp.zeros((1,), jnp.float32)
-  one_call = jax.jit(lambda p, x: model.apply(
-      {'params': p}, x, x, t_in, schedules.RESIDUAL)).lower(params, y)
+  one_call = lambda p, x: model.apply(
+      {'params': p}, x, x, jnp.zeros((1,), jnp.float32), schedules.RESIDUAL)
   call = lambda: jax.block_until_ready(compiled(params, y, rng))
   wall, cpu = _time_calls(call, n)
   rec = _record('sample', image_size=size, batch=1, wall=wall, cpu=cpu,
-                compile_s=compile_s, flops=calls * _flops(one_call),
+                compile_s=compile_s,
+                flops=calls * model_flops(one_call, params, y),
                 images_per_call=1, network_calls=calls,
                 compute_dtype=train.compute_dtype(config).name,
                 xla_convs='eigen' if jax.default_backend() == 'cpu' else None)
   rec['profile_top_ops'] = _profile(call, f'sample_{size}')
   rec['sample_s_per_image'] = rec['time_s_median']
   return rec
+
+
+def bench_matmul(n: int) -> dict:
+  """An N^3 bf16 matrix product (N = `MATMUL_SIZE`; 1024 on CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  size = 1024 if jax.default_backend() == 'cpu' else MATMUL_SIZE
+  a, b = (jax.random.normal(jax.random.key(i), (size, size), jnp.bfloat16)
+          for i in (0, 1))
+  t0 = time.perf_counter()
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  compile_s = time.perf_counter() - t0
+  wall, cpu = _time_calls(lambda: compiled(a, b).block_until_ready(), n)
+  return _record('matmul', image_size=size, batch=1, wall=wall, cpu=cpu,
+                 compile_s=compile_s, flops=2.0 * size**3, images_per_call=0,
+                 compute_dtype='bfloat16')
 
 
 # ------------------------------------------------------------- reporting ---
@@ -330,6 +383,7 @@ def table(records) -> str:
           ('time_s_max', '{:.3f}'), ('images_per_s', '{:.2f}'),
           ('compile_s', '{:.1f}'), ('flops_per_step', '{:.3g}'),
           ('achieved_tflops', '{:.4f}'), ('fraction_of_calibration', '{:.2f}'),
+          ('model_flops_utilization', '{:.3f}'), ('peak_device_mib', '{:.0f}'),
           ('peak_rss_mib', '{:.0f}'), ('load_avg_1m', '{:.1f}')]
   rows = [[name for name, _ in cols]]
   for r in records:
@@ -345,11 +399,11 @@ def _units():
   for case in _CASES.value:
     if case == 'sample':
       units += [('sample', int(s)) for s in _SAMPLE_SIZES.value]
-    elif case in ('calibration', 'train'):
+    elif case in ('calibration', 'train', 'matmul'):
       units.append((case, None))
     else:
       raise app.UsageError(f'Unknown case {case!r} (calibration, train, '
-                           'sample).')
+                           'sample, matmul).')
   return units
 
 
@@ -361,6 +415,8 @@ def run_unit(case, size):
   n = _steps()
   if case == 'calibration':
     return bench_calibration(max(10, 3 * n))  # Cheap calls: more of them.
+  if case == 'matmul':
+    return bench_matmul(max(10, 3 * n))
   if case == 'train':
     return bench_train(config, _IMAGE_SIZE.value, _BATCH.value, n)
   return bench_sample(config, size, max(1, min(n, 5)))

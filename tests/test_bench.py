@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from drdd_jax import bench
@@ -12,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ('case', 'backend', 'devices', 'image_size', 'batch',
         'train_step_s_median', 'train_step_s_min', 'train_step_s_max',
         'images_per_s', 'compile_s', 'sample_s_per_image', 'peak_rss_mib',
-        'flops_per_step', 'achieved_tflops', 'fraction_of_calibration')
+        'flops_per_step', 'achieved_tflops', 'fraction_of_calibration',
+        'peak_bf16_tflops', 'model_flops_utilization', 'peak_device_mib')
 
 
 @pytest.mark.slow
@@ -39,6 +41,7 @@ def test_quick_bench_on_tiny_config(tmp_path):
     assert r['backend'] == 'cpu' and r['devices'] == 1
     assert r['flops_per_step'] > 0 and r['peak_rss_mib'] > 0
     assert r['fraction_of_calibration'] > 0
+    assert r['peak_bf16_tflops'] is None and r['model_flops_utilization'] is None
   assert cal['fraction_of_calibration'] == 1.0
   assert tr['steps'] == 2 and tr['batch'] == 4 and tr['image_size'] == 32
   assert 0 < tr['train_step_s_min'] <= tr['train_step_s_median']
@@ -63,3 +66,24 @@ def test_fractions_and_table():
   text = bench.table(recs)
   assert text.splitlines()[0].split()[0] == 'case'
   assert '0.80' in text and '-' in text  # Missing fields print as '-'.
+
+
+def test_model_flops_is_xlas_count_of_the_program_as_written():
+  a = jnp.ones((8, 16), jnp.bfloat16)
+  b = jnp.ones((16, 4), jnp.bfloat16)
+  assert bench.model_flops(jnp.matmul, a, b) == 2 * 8 * 16 * 4
+  # Pytrees of arguments, as the train step takes them.
+  assert bench.model_flops(lambda d: d['a'] @ d['b'], dict(a=a, b=b)) == 1024
+
+
+def test_matmul_case_and_accelerator_peaks():
+  rec = bench.bench_matmul(2)
+  assert rec['case'] == 'matmul' and rec['steps'] == 2
+  assert rec['flops_per_step'] == 2.0 * 1024**3  # 1024 on CPU.
+  assert rec['achieved_tflops'] > 0 and rec['images_per_s'] is None
+  assert bench.peak_bf16_tflops('NVIDIA H100 80GB HBM3') == 989.4
+  assert bench.peak_bf16_tflops('NVIDIA H100 PCIe') == 756.0
+  assert bench.peak_bf16_tflops('NVIDIA H200') == 989.4
+  assert bench.peak_bf16_tflops('TPU v5 lite') == 197.0
+  assert bench.peak_bf16_tflops('TPU v5p') == 459.0
+  assert bench.peak_bf16_tflops('cpu') is None

@@ -1,8 +1,12 @@
 """Building datasets: AiO5 folder presets, bad input, the cache, embedded."""
+import ast
+import concurrent.futures
 import logging
 import os
 import re
 import socket
+import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -290,3 +294,27 @@ def test_embedded_builds_offline_split_by_photo_same_bytes(tmp_path,
       assert np.abs(x.astype(int) - y).mean() > 0.5, (task, r["name"])
     other = records(pipeline.dataset(again, task), 'train')
     assert [r['input'] for r in other] == [r['input'] for r in train]
+
+
+def test_npy_decoding_parses_one_header_at_a_time(monkeypatch):
+  # numpy parses .npy headers with ast.literal_eval, which is not thread-safe
+  # on CPython 3.11 (grain decodes in threads): decode must serialize it.
+  literal_eval, lock, active, most = ast.literal_eval, threading.Lock(), [0], [0]
+
+  def slow_literal_eval(node):
+    with lock:
+      active[0] += 1
+      most[0] = max(most[0], active[0])
+    time.sleep(0.01)  # Long enough for the other threads to enter.
+    with lock:
+      active[0] -= 1
+    return literal_eval(node)
+
+  monkeypatch.setattr(ast, 'literal_eval', slow_literal_eval)
+  arrays = [np.full((3 + i, 4, 3), i, np.uint8) for i in range(16)]
+  blobs = [images.encode(a) for a in arrays]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    out = list(pool.map(images.decode, blobs))
+  assert most[0] == 1
+  for a, b in zip(arrays, out):
+    np.testing.assert_array_equal(a, b)

@@ -1,4 +1,7 @@
-"""Tests for the launch/ scripts: lint, dry runs, and a real local launch."""
+"""Tests for the launch/ scripts: lint, dry runs, and a real local launch.
+
+benchmarks/*.sh are linted here too.
+"""
 import os
 import pathlib
 import shutil
@@ -9,8 +12,10 @@ import time
 
 import pytest
 
-LAUNCH = pathlib.Path(__file__).resolve().parents[1] / 'launch'
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / 'launch'
 SCRIPTS = sorted(LAUNCH.glob('*.sh')) + sorted(LAUNCH.glob('*.sbatch'))
+LINTED = SCRIPTS + sorted((ROOT / 'benchmarks').glob('*.sh'))
 
 # Stands in for drdd_jax.main: checks the flags the launcher adds, then exits
 # 0, or 1 as process 1 with --fail (process 0 then sleeps, and must be killed).
@@ -38,13 +43,13 @@ def test_scripts_exist_and_are_executable():
   assert all(os.access(p, os.X_OK) for p in SCRIPTS)
 
 
-@pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize('script', LINTED, ids=lambda p: p.name)
 def test_bash_syntax(script):
   result = _run(['bash', '-n', str(script)])
   assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize('script', LINTED, ids=lambda p: p.name)
 def test_shellcheck(script):
   venv_bin = pathlib.Path(sys.executable).parent / 'shellcheck'
   shellcheck = str(venv_bin) if venv_bin.exists() else shutil.which('shellcheck')

@@ -10,6 +10,7 @@ noisy inputs that dominate this case, saves almost no space.
 import hashlib
 import io
 import os
+import threading
 
 from absl import logging
 import numpy as np
@@ -123,10 +124,17 @@ def encode(pixels: np.ndarray) -> bytes:
   return out.getvalue()
 
 
+# numpy reads `.npy` headers with `ast.literal_eval`, and CPython 3.11's AST
+# construction is not thread-safe: grain's threads decoding at once failed with
+# "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905).
+_NPY_LOCK = threading.Lock()
+
+
 def decode(data: bytes) -> np.ndarray:
-  """uint8 [H, W, 3] from bytes that `load` or `encode` returned."""
+  """uint8 [H, W, 3] from bytes that `load` or `encode` returned (thread-safe)."""
   if data[:6] == _NPY_MAGIC:
-    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    with _NPY_LOCK:
+      return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
   return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
 
 
