@@ -64,6 +64,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       seed=0,
       compute_dtype='auto',  # 'auto' (bf16 on TPU/GPU, f32 on CPU) | 'float32' | 'bfloat16'.
       steps_per_dispatch=1,
+      # Gradient accumulated over this many slices of each batch, one after
+      # another: the step's activation memory / microbatches, same maths.
+      microbatches=1,
       log_every=100,
       checkpoint_every=5_000,
       keep_checkpoints=3,

@@ -296,7 +296,9 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
                 flops=model_flops(train_step, state, data, rng),
                 images_per_call=batch + noise_batch, noise_batch=noise_batch,
                 compute_dtype=train.compute_dtype(config).name,
-                remat=bool(config.model.remat), xla_convs=_xla_convs(),
+                remat=bool(config.model.remat),
+                microbatches=config.training.microbatches,
+                xla_convs=_xla_convs(),
                 params=unet.count_params(state.params),
                 **_xla_memory(compiled))
   # After `_record`: the trace must not count in `peak_rss_mib`.

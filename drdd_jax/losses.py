@@ -119,26 +119,41 @@ def rddm_losses(model_fn: ModelFn, params, batch, draws,
               residual=_mse(pred[..., :3], y - x0))
 
 
-def make_loss_fn(model_fn: ModelFn, sched: schedules.Schedule, diffusion_config,
-                 shared: bool = True):
-  """Returns `loss_fn(params, batch, rng) -> (loss, metrics)` for a config.
-
-  `loss = w_noise * L_noise + w_res * L_res + l2 * ||params||^2`.
-  """
+def make_draws_fn(sched: schedules.Schedule, diffusion_config):
+  """Returns `draws_fn(batch, rng)`: the random draws of `make_loss_fn`'s loss."""
   cfg = diffusion_config
 
-  def loss_fn(params, batch, rng):
+  def draws_fn(batch, rng):
+    if cfg.method == 'rddm':
+      return draw_noise(rng, {'residual': batch['residual']},
+                        sched.num_timesteps)
+    # With noise_condition='input' the noise objective draws for the pairs.
+    noise_part = (batch['residual'] if cfg.noise_condition == 'input'
+                  else batch['noise'])
+    return draw_noise(rng, dict(noise=noise_part, residual=batch['residual']),
+                      sched.num_timesteps)
+
+  return draws_fn
+
+
+def make_loss_fn(model_fn: ModelFn, sched: schedules.Schedule, diffusion_config,
+                 shared: bool = True):
+  """Returns `loss_fn(params, batch, rng, draws=None) -> (loss, metrics)`.
+
+  `loss = w_noise * L_noise + w_res * L_res + l2 * ||params||^2`. The draws
+  come from `rng` (`make_draws_fn`) unless given: the train step draws for the
+  whole batch before it splits the batch into microbatches.
+  """
+  cfg = diffusion_config
+  draws_fn = make_draws_fn(sched, diffusion_config)
+
+  def loss_fn(params, batch, rng=None, draws=None):
+    if draws is None:
+      draws = draws_fn(batch, rng)
     if cfg.method == 'drdd':
-      # With noise_condition='input' the noise objective draws for the pairs.
-      noise_part = (batch['residual'] if cfg.noise_condition == 'input'
-                    else batch['noise'])
-      draws = draw_noise(rng, dict(noise=noise_part, residual=batch['residual']),
-                         sched.num_timesteps)
       terms = drdd_losses(model_fn, params, batch, draws, sched,
                           noise_condition=cfg.noise_condition, shared=shared)
     elif cfg.method == 'rddm':
-      draws = draw_noise(rng, {'residual': batch['residual']},
-                         sched.num_timesteps)
       terms = rddm_losses(model_fn, params, batch, draws, sched)
     else:
       raise ValueError(f"diffusion.method must be 'drdd' or 'rddm', got {cfg.method!r}.")

@@ -48,12 +48,17 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   need(t.batch_size > 0, 'training.batch_size', t.batch_size, 'must be > 0.')
   need(t.noise_batch_size >= 0, 'training.noise_batch_size',
        t.noise_batch_size, 'must be >= 0 (0 = training.batch_size).')
+  need(t.microbatches >= 1, 'training.microbatches', t.microbatches,
+       'must be >= 1.')
   for field, value in (('training.batch_size', t.batch_size),
                        ('training.noise_batch_size', noise_batch_size(config))):
     need(value % num_devices == 0, field, value,
          f'must be divisible by the {num_devices} devices of the batch axes.')
     need(value % jax.process_count() == 0, field, value,
          f'must be divisible by the {jax.process_count()} processes.')
+    need(value % (num_devices * t.microbatches) == 0, field, value,
+         f'must be divisible by the {num_devices} devices times '
+         f'training.microbatches={t.microbatches}.')
   need(t.steps_per_dispatch >= 1, 'training.steps_per_dispatch',
        t.steps_per_dispatch, 'must be >= 1.')
   need(t.compute_dtype in ('auto', 'float32', 'bfloat16'),
@@ -222,24 +227,63 @@ def to_float(images):
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
+def accumulate_gradients(grad_fn, params, batch, microbatches: int):
+  """The mean of `grad_fn(params, *batch)` over `microbatches` slices of `batch`.
+
+  The slices run one after another (`lax.scan`), so only one slice's
+  activations are alive at a time. With per-example losses averaged over equal
+  slices, the result is `grad_fn(params, *batch)` up to summation order.
+  Slice i holds rows i, i + m, i + 2m, ...: a batch split over devices by rows
+  keeps every device's share of each slice on that device.
+
+  Args:
+    grad_fn: `grad_fn(params, *batch) -> pytree` (e.g. `value_and_grad`'s).
+    params: its first argument.
+    batch: a tuple of pytrees whose leaves share a leading batch axis.
+    microbatches: the number of slices; divides the batch axis.
+  """
+  if microbatches == 1:
+    return grad_fn(params, *batch)
+  m = microbatches
+  slices = jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1),
+      batch)
+  first = jax.tree.map(lambda x: x[0], slices)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(grad_fn, params, *first))
+
+  def add_slice(total, part):
+    return jax.tree.map(jnp.add, total, grad_fn(params, *part)), None
+
+  total, _ = jax.lax.scan(add_slice, zeros, slices)
+  return jax.tree.map(lambda x: x / m, total)
+
+
 def make_train_step(config, model, tx, sched):
   """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
   `batch` holds uint8 images (`data.create_train_iterator`'s layout); they
   are converted to [-1, 1] on the device. `steps_per_dispatch > 1` stacks that
-  many batches on a leading axis and scans over them.
+  many batches on a leading axis and scans over them; `microbatches > 1`
+  accumulates the gradient over that many slices of each batch.
   """
   o = config.optim
   model_fn = lambda p, x, c, t, ph: model.apply({'params': p}, x, c, t, ph)
   loss_fn = losses.make_loss_fn(model_fn, sched, config.diffusion,
                                 shared=config.model.shared)
+  draws_fn = losses.make_draws_fn(sched, config.diffusion)
+  grad_fn = jax.value_and_grad(
+      lambda params, batch, draws: loss_fn(params, batch, draws=draws),
+      has_aux=True)
 
   def one_step(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     images = jax.tree.map(
         lambda x: to_float(x) if x.dtype == jnp.uint8 else x, batch)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, images, rng)
+    # Drawn for the whole batch: microbatches change the memory, not the maths.
+    draws = draws_fn(images, rng)
+    (loss, metrics), grads = accumulate_gradients(
+        grad_fn, state.params, (images, draws), config.training.microbatches)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -83,7 +83,8 @@ def _one_step(config, devices):
   step = train.jit_train_step(
       train.make_train_step(config, model, tx, train.make_schedule(config)),
       shardings, mesh, leading=0)
-  it = data_lib.create_train_iterator(config.data, 8, 8, shard_index=0,
+  b = config.training.batch_size
+  it = data_lib.create_train_iterator(config.data, b, b, shard_index=0,
                                       shard_count=1)
   batch = train.global_batch(next(it), mesh)
   state, metrics = step(state, batch, jax.random.key(0))
@@ -106,6 +107,30 @@ def test_eight_devices_match_one(cache):
   for params, m in ((params8, m8), (params_fsdp, m_fsdp)):
     np.testing.assert_allclose(m['loss'], m1['loss'], rtol=1e-5)
     jax.tree.map(close, params, params1)
+
+
+@pytest.mark.slow
+def test_microbatches_match_one_pass(cache):
+  # Same maths, a slice of the batch at a time: on one device and with the
+  # slices' rows spread over 8.
+  config = tiny(cache, **{'training.batch_size': 16, 'optim.eps': 1e-3})
+  params1, m1 = _one_step(config, jax.devices()[:1])
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for microbatches, devices in ((4, jax.devices()[:1]), (2, jax.devices())):
+    config.training.microbatches = microbatches
+    params, m = _one_step(config, devices)
+    for key in ('loss', 'loss_noise', 'loss_residual', 'grad_norm'):
+      np.testing.assert_allclose(m[key], m1[key], rtol=1e-5)
+    jax.tree.map(close, params, params1)
+
+
+def test_accumulate_gradients_averages_over_slices():
+  grad_fn = jax.value_and_grad(lambda w, x: jnp.mean((x * w) ** 2))
+  x = jnp.arange(12.0)
+  whole = grad_fn(2.0, x)
+  for m in (1, 2, 3, 4):
+    np.testing.assert_allclose(
+        train.accumulate_gradients(grad_fn, 2.0, (x,), m), whole, rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -142,6 +167,8 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path, cache):
     ('data.tasks', 'lowlight,snow', 'snow'),
     ('training.batch_size', -4, 'training.batch_size'),
     ('training.batch_size', 12, 'training.batch_size'),  # 8 devices
+    ('training.microbatches', 3, 'training.microbatches=3'),  # 8 / (8 * 3)
+    ('training.microbatches', 0, 'training.microbatches'),
     ('data.crop_size', 4096, 'data.crop_size'),
     ('diffusion.method', 'ddpm', 'diffusion.method'),
     ('sampling.n_res', 0, 'sampling.n_res'),
