@@ -282,9 +282,9 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
   model = train.create_model(config)
   tx = train.make_optimizer(config)
   state, shardings = train.create_train_state(config, model, tx, mesh)
-  train_step = train.make_train_step(config, model, tx,
-                                     train.make_schedule(config))
-  step = train.jit_train_step(train_step, shardings, mesh, leading=0)
+  step = train.jit_train_step(
+      train.make_train_step(config, model, tx, train.make_schedule(config)),
+      shardings, mesh, leading=0)
   noise_batch = train.noise_batch_size(config)
   data = train.global_batch(_synthetic_batch(batch, noise_batch, image_size),
                             mesh)
