@@ -4,7 +4,7 @@
 
 GroupNorm (`nn.GroupNorm` vs `unet.GroupNorm`, alone and with FiLM + SiLU)
 and weight standardization (`mean(axis=(0, 1, 2))` vs the [kh*kw*in, out]
-view `unet.WSConv` uses), forward and forward+backward, under
+view of `unet.standardize_kernel`), forward and forward+backward, under
 `unet.compiler_options()`. docs/performance.md quotes it.
 """
 import flax.linen as nn
@@ -24,13 +24,6 @@ def ws_textbook(w):
   mean = w.mean(axis=(0, 1, 2), keepdims=True)
   var = w.var(axis=(0, 1, 2), keepdims=True)
   return (w - mean) * jax.lax.rsqrt(var + 1e-5)
-
-
-def ws_rows(w):
-  rows = w.reshape(-1, w.shape[-1])
-  mean = rows.sum(axis=0) / rows.shape[0]
-  var = jnp.square(rows - mean).sum(axis=0) / rows.shape[0]
-  return ((rows - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(w.shape)
 
 
 def main():
@@ -56,7 +49,8 @@ def main():
               x, film), x, film)
   w = jax.random.normal(key, (3, 3, 512, 512))
   g = jax.random.normal(jax.random.key(1), w.shape)
-  for name, f in (('mean(axis=(0, 1, 2))', ws_textbook), ('rows view', ws_rows)):
+  for name, f in (('mean(axis=(0, 1, 2))', ws_textbook),
+                  ('unet.standardize_kernel', unet.standardize_kernel)):
     bench(f'weight standardization {name} fwd', f, w)
     bench(f'weight standardization {name} fwd+bwd',
           lambda w, f=f: jax.vjp(f, w)[1](g)[0], w)

@@ -52,13 +52,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
        'must be >= 1.')
   for field, value in (('training.batch_size', t.batch_size),
                        ('training.noise_batch_size', noise_batch_size(config))):
-    need(value % num_devices == 0, field, value,
-         f'must be divisible by the {num_devices} devices of the batch axes.')
+    times = (f' times training.microbatches={t.microbatches}'
+             if t.microbatches > 1 else '')
+    need(value % (num_devices * t.microbatches) == 0, field, value,
+         f'must be divisible by the {num_devices} devices of the batch '
+         f'axes{times}.')
     need(value % jax.process_count() == 0, field, value,
          f'must be divisible by the {jax.process_count()} processes.')
-    need(value % (num_devices * t.microbatches) == 0, field, value,
-         f'must be divisible by the {num_devices} devices times '
-         f'training.microbatches={t.microbatches}.')
   need(t.steps_per_dispatch >= 1, 'training.steps_per_dispatch',
        t.steps_per_dispatch, 'must be >= 1.')
   need(t.compute_dtype in ('auto', 'float32', 'bfloat16'),
