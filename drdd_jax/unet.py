@@ -11,7 +11,6 @@ directly; there is no split/merge of module state on every step, and `apply`
 is a pure function of `(params, inputs)`, which is what the jitted train step,
 the `lax.scan` sampler and the oracle tests all want.
 """
-import collections
 import functools
 import math
 from typing import Any, Optional, Sequence
@@ -42,6 +41,32 @@ def standardize_kernel(w):
   mean = rows.sum(axis=0) / rows.shape[0]
   var = jnp.square(rows - mean).sum(axis=0) / rows.shape[0]
   return ((rows - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(w.shape)
+
+
+def recompute_in_backward(block: nn.Module, *args):
+  """`block(*args)`, recomputed in the backward pass once its cotangent exists.
+
+  Only `block`'s inputs are kept for the backward pass; its gradient reruns
+  it under `jax.vjp`. Unlike `nn.remat`, the rerun's inputs depend on the
+  incoming cotangent `g` (they get `0 * g[0]` added; a non-finite `g[0]`
+  makes the gradients non-finite, which the train step skips like any other
+  non-finite gradient), so XLA cannot schedule the recomputation early. XLA:CPU drops `nn.remat`'s optimization barriers before
+  scheduling and ran every recomputation at the start of the backward pass,
+  which saved nothing (docs/performance.md).
+  """
+  unbound = block.clone(parent=None)
+
+  def forward(mdl, *inputs):
+    return mdl(*inputs), (mdl.variables, inputs)
+
+  def backward(saved, g):
+    variables, inputs = saved
+    after_g = 0 * jax.tree.leaves(g)[0].reshape(-1)[0]
+    inputs = jax.tree.map(lambda x: x + after_g.astype(x.dtype), inputs)
+    return jax.vjp(unbound.apply, variables, *inputs)[1](g)
+
+  return nn.custom_vjp(lambda mdl, *inputs: mdl(*inputs), forward,
+                       backward)(block, *args)
 
 
 class WSConv(nn.Module):
@@ -209,7 +234,8 @@ class UNet(nn.Module):
     num_phases: size of the learned phase embedding added to the time
       embedding (2 for a network shared by both objectives, 0 for none).
     dtype: compute dtype; parameters stay float32.
-    remat: rematerialize each ResNet block in the backward pass.
+    remat: recompute each ResNet block and linear attention in the backward
+      pass (`recompute_in_backward`) instead of keeping their activations.
   """
   out_channels: int = 3
   base_channels: int = 64
@@ -262,20 +288,15 @@ class UNet(nn.Module):
       temb = temb + nn.Embed(self.num_phases, 4 * base, dtype=dt,
                              name='phase_embedding')(phase)
 
-    # Explicit names: `nn.remat(ResBlock)` would otherwise be auto-named
-    # `CheckpointResBlock_*`, and checkpoints would depend on `remat`.
-    made = collections.Counter()
+    def block(mdl):
+      return (functools.partial(recompute_in_backward, mdl) if self.remat
+              else mdl)
 
-    def named(cls, *args, **kwargs):
-      name = f'{cls.__name__}_{made[cls]}'
-      made[cls] += 1
-      return (nn.remat(cls) if self.remat else cls)(*args, name=name, **kwargs)
-
-    res = functools.partial(named, ResBlock, groups=self.groups, dtype=dt)
+    res = lambda features: block(ResBlock(features, self.groups, dt))
     # The linear attentions hold the largest activations (q, k, v and their
     # softmaxes at full resolution): rematerialized with the ResBlocks.
-    lin_attn = functools.partial(named, LinearAttention, self.attn_heads,
-                                 self.attn_head_dim, dt)
+    lin_attn = lambda: block(LinearAttention(self.attn_heads,
+                                             self.attn_head_dim, dt))
     dims = [base * mult for mult in self.channel_mults]
     in_out = list(zip([base] + dims[:-1], dims))
 
