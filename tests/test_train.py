@@ -103,8 +103,12 @@ def test_eight_devices_match_one(cache):
   # A ('data', 'fsdp') mesh: the batch over both axes, parameters over fsdp.
   config.mesh.axes, config.mesh.shape = ('data', 'fsdp'), (2, 4)
   params_fsdp, m_fsdp = _one_step(config, jax.devices())
+  # And with the blocks recomputed in the backward pass on that mesh.
+  config.model.remat = True
+  params_remat, m_remat = _one_step(config, jax.devices())
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  for params, m in ((params8, m8), (params_fsdp, m_fsdp)):
+  for params, m in ((params8, m8), (params_fsdp, m_fsdp),
+                    (params_remat, m_remat)):
     np.testing.assert_allclose(m['loss'], m1['loss'], rtol=1e-5)
     jax.tree.map(close, params, params1)
 
