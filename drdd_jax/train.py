@@ -227,25 +227,26 @@ def to_float(images):
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
-def accumulate_gradients(grad_fn, params, batch, microbatches: int):
+def accumulate_gradients(grad_fn, params, batch, microbatches: int,
+                         unroll: bool = False):
   """The mean of `grad_fn(params, *batch)` over `microbatches` slices of `batch`.
 
-  The slices run one after another (`lax.scan`), so only one slice's
-  activations are alive at a time. With per-example losses averaged over equal
-  slices, the result is `grad_fn(params, *batch)` up to summation order.
-  Slice i holds rows i, i + m, i + 2m, ...: a batch split over devices by rows
-  keeps every device's share of each slice on that device.
-
-  On XLA:CPU, weight-gradient convolutions inside the loop run ~30x slower
-  than outside it (docs/performance.md); unrolling the loop instead kept the
-  speed but not the memory saving (XLA:CPU's temporaries at 128x128, batch 4:
-  3,402 MiB, 3,373 MiB unrolled with 2 slices).
+  The slices run one after another, so only one slice's activations are alive
+  at a time. With per-example losses averaged over equal slices, the result
+  is `grad_fn(params, *batch)` up to summation order. Slice i holds rows i,
+  i + m, i + 2m, ...: a batch split over devices by rows keeps every device's
+  share of each slice on that device.
 
   Args:
     grad_fn: `grad_fn(params, *batch) -> pytree` (e.g. `value_and_grad`'s).
     params: its first argument.
     batch: a tuple of pytrees whose leaves share a leading batch axis.
     microbatches: the number of slices; divides the batch axis.
+    unroll: straight-line code instead of a `lax.scan`, each slice's inputs
+      made to `unet.wait_for` the previous slices' sum. XLA:CPU runs
+      weight-gradient convolutions inside loops ~30x slower (aio5 at
+      128x128, batch 4, 2 slices: 884 s per step with the scan, 19.4 s
+      unrolled; docs/performance.md); elsewhere the scan compiles once.
   """
   if microbatches == 1:
     return grad_fn(params, *batch)
@@ -254,13 +255,18 @@ def accumulate_gradients(grad_fn, params, batch, microbatches: int):
       lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1),
       batch)
   first = jax.tree.map(lambda x: x[0], slices)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+  total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        jax.eval_shape(grad_fn, params, *first))
 
   def add_slice(total, part):
     return jax.tree.map(jnp.add, total, grad_fn(params, *part)), None
 
-  total, _ = jax.lax.scan(add_slice, zeros, slices)
+  if unroll:
+    for i in range(m):
+      part = jax.tree.map(lambda x, i=i: x[i], slices)
+      total, _ = add_slice(total, unet.wait_for(part, total) if i else part)
+  else:
+    total, _ = jax.lax.scan(add_slice, total, slices)
   return jax.tree.map(lambda x: x / m, total)
 
 
@@ -288,7 +294,8 @@ def make_train_step(config, model, tx, sched):
     # Drawn for the whole batch: microbatches change the memory, not the maths.
     draws = draws_fn(images, rng)
     (loss, metrics), grads = accumulate_gradients(
-        grad_fn, state.params, (images, draws), config.training.microbatches)
+        grad_fn, state.params, (images, draws), config.training.microbatches,
+        unroll=jax.default_backend() == 'cpu')
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -451,11 +458,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   logging.info('Training from step %d to %d (global batch %d pairs + %d '
                'targets, %d per dispatch).', start, t.num_steps, t.batch_size,
                noise_batch_size(config), k)
-  if t.microbatches > 1 and mesh.devices.flat[0].platform == 'cpu':
-    logging.warning('training.microbatches=%d on CPU: XLA:CPU runs the '
-                    'convolutions inside the accumulation loop up to 40x '
-                    'slower; model.remat=True saves memory at ~1.1x the time '
-                    '(docs/performance.md).', t.microbatches)
   train_metrics = None
   step = start
   try:

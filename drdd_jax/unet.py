@@ -43,16 +43,29 @@ def standardize_kernel(w):
   return ((rows - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(w.shape)
 
 
+def wait_for(tree, signal):
+  """`tree` unchanged in value, but computed from `signal` as far as XLA knows.
+
+  Adds `0 * s` to the floating leaves of `tree`, where `s` sums the first
+  element of each leaf of `signal`: whatever uses the result cannot run
+  before all of `signal` exists. `lax.optimization_barrier` cannot order work
+  on XLA:CPU, which removes the barriers before it schedules
+  (docs/performance.md). A non-finite `s` makes the result non-finite; the
+  train step skips such steps like any non-finite gradient.
+  """
+  s = sum(x.reshape(-1)[0].astype(jnp.float32) for x in jax.tree.leaves(signal))
+  return jax.tree.map(
+      lambda x: x + (0 * s).astype(x.dtype)
+      if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def recompute_in_backward(block: nn.Module, *args):
   """`block(*args)`, recomputed in the backward pass once its cotangent exists.
 
   Only `block`'s inputs are kept for the backward pass; its gradient reruns
-  it under `jax.vjp`. Unlike `nn.remat`, the rerun's inputs depend on the
-  incoming cotangent `g` (they get `0 * g[0]` added; a non-finite `g[0]`
-  makes the gradients non-finite, which the train step skips like any other
-  non-finite gradient), so XLA cannot schedule the recomputation early. XLA:CPU drops `nn.remat`'s optimization barriers before
-  scheduling and ran every recomputation at the start of the backward pass,
-  which saved nothing (docs/performance.md).
+  it under `jax.vjp` on inputs that `wait_for` the incoming cotangent. With
+  `nn.remat`, XLA:CPU ran every recomputation at the start of the backward
+  pass, which saved nothing (docs/performance.md).
   """
   unbound = block.clone(parent=None)
 
@@ -61,9 +74,7 @@ def recompute_in_backward(block: nn.Module, *args):
 
   def backward(saved, g):
     variables, inputs = saved
-    after_g = 0 * jax.tree.leaves(g)[0].reshape(-1)[0]
-    inputs = jax.tree.map(lambda x: x + after_g.astype(x.dtype), inputs)
-    return jax.vjp(unbound.apply, variables, *inputs)[1](g)
+    return jax.vjp(unbound.apply, variables, *wait_for(inputs, g))[1](g)
 
   return nn.custom_vjp(lambda mdl, *inputs: mdl(*inputs), forward,
                        backward)(block, *args)

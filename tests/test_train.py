@@ -128,13 +128,35 @@ def test_microbatches_match_one_pass(cache):
     jax.tree.map(close, params, params1)
 
 
-def test_accumulate_gradients_averages_over_slices():
+@pytest.mark.parametrize('unroll', [False, True])
+def test_accumulate_gradients_averages_over_slices(unroll):
   grad_fn = jax.value_and_grad(lambda w, x: jnp.mean((x * w) ** 2))
   x = jnp.arange(12.0)
   whole = grad_fn(2.0, x)
   for m in (1, 2, 3, 4):
     np.testing.assert_allclose(
-        train.accumulate_gradients(grad_fn, 2.0, (x,), m), whole, rtol=1e-6)
+        train.accumulate_gradients(grad_fn, 2.0, (x,), m, unroll=unroll),
+        whole, rtol=1e-6)
+
+
+def test_unrolled_slices_run_one_after_another():
+  """Unrolled, the second slice waits for the first's gradient (`wait_for`):
+  XLA keeps one slice's activations. Without it, 1.13x the one-pass step's
+  temporaries instead of 0.57x."""
+  def loss(w, x):
+    for layer in w:
+      x = jnp.tanh(x @ layer)
+    return jnp.mean(x ** 2)
+
+  grad_fn = jax.value_and_grad(loss)
+  w, x = jnp.full((6, 256, 256), 0.01), jnp.ones((64, 512, 256))
+
+  def temporaries(m):
+    f = jax.jit(lambda w, x: train.accumulate_gradients(grad_fn, w, (x,), m,
+                                                        unroll=True))
+    return f.lower(w, x).compile().memory_analysis().temp_size_in_bytes
+
+  assert temporaries(2) < 0.7 * temporaries(1)
 
 
 @pytest.mark.slow
