@@ -245,7 +245,7 @@ def accumulate_gradients(grad_fn, params, batch, microbatches: int,
     unroll: straight-line code instead of a `lax.scan`, each slice's inputs
       made to `unet.wait_for` the previous slices' sum. XLA:CPU runs
       weight-gradient convolutions inside loops ~30x slower (aio5 at
-      128x128, batch 4, 2 slices: 884 s per step with the scan, 19.4 s
+      128x128, batch 4, 2 slices: 884 s per step with the scan, 19.3 s
       unrolled; docs/performance.md); elsewhere the scan compiles once.
   """
   if microbatches == 1:
@@ -270,14 +270,20 @@ def accumulate_gradients(grad_fn, params, batch, microbatches: int,
   return jax.tree.map(lambda x: x / m, total)
 
 
-def make_train_step(config, model, tx, sched):
+def make_train_step(config, model, tx, sched, unroll: Optional[bool] = None):
   """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
   `batch` holds uint8 images (`data.create_train_iterator`'s layout); they
   are converted to [-1, 1] on the device. `steps_per_dispatch > 1` stacks that
-  many batches on a leading axis and scans over them; `microbatches > 1`
-  accumulates the gradient over that many slices of each batch.
+  many batches on a leading axis and runs the steps in turn; `microbatches >
+  1` accumulates the gradient over that many slices of each batch.
+
+  `unroll` (default: on CPU) runs both loops as straight-line code instead of
+  `lax.scan`: XLA:CPU runs weight-gradient convolutions inside loops ~30x
+  slower (docs/performance.md); elsewhere the scans compile once.
   """
+  if unroll is None:
+    unroll = jax.default_backend() == 'cpu'
   o = config.optim
   model_fn = lambda p, x, c, t, ph: model.apply({'params': p}, x, c, t, ph)
   loss_fn = losses.make_loss_fn(model_fn, sched, config.diffusion,
@@ -295,7 +301,7 @@ def make_train_step(config, model, tx, sched):
     draws = draws_fn(images, rng)
     (loss, metrics), grads = accumulate_gradients(
         grad_fn, state.params, (images, draws), config.training.microbatches,
-        unroll=jax.default_backend() == 'cpu')
+        unroll)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -315,8 +321,16 @@ def make_train_step(config, model, tx, sched):
     return one_step
 
   def multi_step(state, batches, rng):
-    state, metrics = jax.lax.scan(lambda s, b: one_step(s, b, rng), state,
-                                  batches)
+    if unroll:
+      metrics = []
+      for i in range(config.training.steps_per_dispatch):
+        state, m = one_step(state, jax.tree.map(lambda x, i=i: x[i], batches),
+                            rng)
+        metrics.append(m)
+      metrics = jax.tree.map(lambda *m: jnp.stack(m), *metrics)
+    else:
+      state, metrics = jax.lax.scan(lambda s, b: one_step(s, b, rng), state,
+                                    batches)
     return state, jax.tree.map(jnp.mean, metrics)
 
   return multi_step

@@ -128,6 +128,38 @@ def test_microbatches_match_one_pass(cache):
     jax.tree.map(close, params, params1)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('unroll', [True, False])
+def test_steps_per_dispatch_equal_single_steps(cache, unroll):
+  """K steps in one dispatch (unrolled: CPU's default; scanned elsewhere)."""
+  config = tiny(cache, **{'training.steps_per_dispatch': 2,
+                          'optim.eps': 1e-3})
+  mesh = train.make_mesh(config.mesh, jax.devices()[:1])
+  model, tx = train.create_model(config), train.make_optimizer(config)
+  sched = train.make_schedule(config)
+  b = config.training.batch_size
+  it = data_lib.create_train_iterator(config.data, b, b, shard_index=0,
+                                      shard_count=1)
+  batches = [next(it), next(it)]
+  rng = jax.random.key(0)
+  runs = []
+  for k, feed in ((1, batches), (2, [jax.tree.map(
+      lambda *x: np.stack(x), *batches)])):
+    config.training.steps_per_dispatch = k
+    state, shardings = train.create_train_state(config, model, tx, mesh)
+    step = train.jit_train_step(
+        train.make_train_step(config, model, tx, sched, unroll=unroll),
+        shardings, mesh, leading=int(k > 1))
+    for batch in feed:
+      state, metrics = step(state, train.global_batch(batch, mesh, int(k > 1)),
+                            rng)
+    runs.append(jax.device_get(state))
+  assert int(runs[1].step) == 2
+  close = lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+  jax.tree.map(close, runs[1].params, runs[0].params)
+  jax.tree.map(close, runs[1].ema_params, runs[0].ema_params)
+
+
 @pytest.mark.parametrize('unroll', [False, True])
 def test_accumulate_gradients_averages_over_slices(unroll):
   grad_fn = jax.value_and_grad(lambda w, x: jnp.mean((x * w) ** 2))
