@@ -242,11 +242,9 @@ def accumulate_gradients(grad_fn, params, batch, microbatches: int,
     params: its first argument.
     batch: a tuple of pytrees whose leaves share a leading batch axis.
     microbatches: the number of slices; divides the batch axis.
-    unroll: straight-line code instead of a `lax.scan`, each slice's inputs
-      made to `unet.wait_for` the previous slices' sum. XLA:CPU runs
-      weight-gradient convolutions inside loops ~30x slower (aio5 at
-      128x128, batch 4, 2 slices: 884 s per step with the scan, 19.3 s
-      unrolled; docs/performance.md); elsewhere the scan compiles once.
+    unroll: straight-line code instead of a `lax.scan` (see
+      `make_train_step`), each slice's inputs made to `unet.wait_for` the
+      previous slices' sum, which keeps the slices apart in time.
   """
   if microbatches == 1:
     return grad_fn(params, *batch)
@@ -280,7 +278,8 @@ def make_train_step(config, model, tx, sched, unroll: Optional[bool] = None):
 
   `unroll` (default: on CPU) runs both loops as straight-line code instead of
   `lax.scan`: XLA:CPU runs weight-gradient convolutions inside loops ~30x
-  slower (docs/performance.md); elsewhere the scans compile once.
+  slower (aio5 at 128x128, batch 4, 2 microbatches: 884 s per step scanned,
+  19.3 s unrolled; docs/performance.md); elsewhere the scans compile once.
   """
   if unroll is None:
     unroll = jax.default_backend() == 'cpu'

@@ -53,7 +53,8 @@ def wait_for(tree, signal):
   (docs/performance.md). A non-finite `s` makes the result non-finite; the
   train step skips such steps like any non-finite gradient.
   """
-  s = sum(x.reshape(-1)[0].astype(jnp.float32) for x in jax.tree.leaves(signal))
+  s = sum(x.reshape(-1)[0].astype(jnp.float32)
+          for x in jax.tree.leaves(signal))
   return jax.tree.map(
       lambda x: x + (0 * s).astype(x.dtype)
       if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
