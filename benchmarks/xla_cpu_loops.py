@@ -5,8 +5,8 @@
 Two slices of 4 images (64x64, 64 -> 64 channels, 3x3): the forward pass and
 the weight gradient, computed once per slice either unrolled or in a
 `lax.scan`, with and without `unet.compiler_options()`. It is why
-`train.accumulate_gradients` (`training.microbatches`) is slow on CPU;
-docs/performance.md quotes it.
+`train.make_train_step` unrolls the microbatch and steps-per-dispatch loops
+on CPU; docs/performance.md quotes it.
 """
 import jax
 import jax.numpy as jnp
