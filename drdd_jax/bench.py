@@ -11,6 +11,10 @@ Prints one JSON object per case, then a table. Cases:
   8); its FLOP/s is what the other cases are compared with.
 - `train`: `train.make_train_step` + `jit_train_step` on synthetic uint8
   batches (`--batch` pairs and as many noise targets), one step per dispatch.
+  `time_s_*` wait for each step; `train_step_s_pipelined` is the mean over
+  `--steps` steps dispatched back to back with one wait at the end, as the
+  training loop runs them (the host prepares the next step while the device
+  runs this one).
 - `sample`: `sampler.make_sampler` (n_res + n_noise network calls) on one
   `S x S` image for each `S` in `--sample_sizes`.
 - `matmul` (not run by default): an 8192^3 bf16 matrix product, the measured
@@ -259,7 +263,7 @@ def _synthetic_batch(batch: int, noise_batch: int, size: int):
           'noise': {'target': images(noise_batch)}}
 
 
-def _one_pass_step(config, model, tx):
+def _one_pass_step(config, model):
   """The train step without microbatches: the same FLOPs, but no loop.
 
   XLA's cost analysis counts a loop body once.
@@ -267,7 +271,7 @@ def _one_pass_step(config, model, tx):
   from drdd_jax import train  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.training.microbatches = 1
-  return train.make_train_step(config, model, tx, train.make_schedule(config))
+  return train.make_train_step(config, model, train.make_schedule(config))
 
 
 def bench_train(config, image_size: int, batch: int, n: int) -> dict:
@@ -283,7 +287,7 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
   tx = train.make_optimizer(config)
   state, shardings = train.create_train_state(config, model, tx, mesh)
   step = train.jit_train_step(
-      train.make_train_step(config, model, tx, train.make_schedule(config)),
+      train.make_train_step(config, model, train.make_schedule(config)),
       shardings, mesh, leading=0)
   noise_batch = train.noise_batch_size(config)
   data = train.global_batch(_synthetic_batch(batch, noise_batch, image_size),
@@ -302,9 +306,15 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
     jax.block_until_ready((box[0], metrics))
 
   wall, cpu = _time_calls(one_step, n)
+  # As the training loop runs: `n` steps dispatched back to back, one wait.
+  t0 = time.perf_counter()
+  for _ in range(n):
+    box[0], metrics = compiled(box[0], data, rng)
+  jax.block_until_ready((box[0], metrics))
+  pipelined = (time.perf_counter() - t0) / n
   rec = _record('train', image_size=image_size, batch=batch, wall=wall,
                 cpu=cpu, compile_s=compile_s,
-                flops=model_flops(_one_pass_step(config, model, tx), state,
+                flops=model_flops(_one_pass_step(config, model), state,
                                   data, rng),
                 images_per_call=batch + noise_batch, noise_batch=noise_batch,
                 compute_dtype=train.compute_dtype(config).name,
@@ -315,6 +325,11 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
                 **_xla_memory(compiled))
   # After `_record`: the trace must not count in `peak_rss_mib`.
   rec['profile_top_ops'] = _profile(one_step, 'train')
+  flops, peak = rec['flops_per_step'], rec['peak_bf16_tflops']
+  rec.update(train_step_s_pipelined=pipelined,
+             images_per_s_pipelined=(batch + noise_batch) / pipelined,
+             model_flops_utilization_pipelined=(
+                 flops / pipelined / 1e12 / peak if peak else None))
   rec.update(train_step_s_median=rec['time_s_median'],
              train_step_s_min=rec['time_s_min'],
              train_step_s_max=rec['time_s_max'])

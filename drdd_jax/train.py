@@ -148,22 +148,90 @@ class TrainMetrics(clu_metrics.Collection):
   grad_norm: clu_metrics.Average.from_output('grad_norm')
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def learning_rate(config):
+  """The learning rate: a schedule of the update count, or a constant."""
   o = config.optim
   if o.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0, o.learning_rate, o.warmup_steps, max(config.training.num_steps,
                                                   o.warmup_steps + 1))
-  elif o.schedule == 'constant':
+  if o.schedule == 'constant':
     # linear_schedule holds its end value after the warm-up.
-    lr = (optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
-          if o.warmup_steps else o.learning_rate)
-  else:
-    raise ValueError(f"optim.schedule={o.schedule!r}: must be 'constant' or "
-                     "'cosine'.")
+    return (optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+            if o.warmup_steps else o.learning_rate)
+  raise ValueError(f"optim.schedule={o.schedule!r}: must be 'constant' or "
+                   "'cosine'.")
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam after global-norm clipping (`optim.grad_clip`; 0 = none).
+
+  The train step initializes and checkpoints optax's state of this chain,
+  and computes its `update` itself, fused with the EMA (`apply_gradients`).
+  """
+  o = config.optim
   clip = (optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0
           else optax.identity())
-  return optax.chain(clip, optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps))
+  return optax.chain(clip, optax.adam(learning_rate(config), b1=o.b1,
+                                      b2=o.b2, eps=o.eps))
+
+
+def apply_gradients(config, state: TrainState, grads, grad_norm,
+                    ok) -> TrainState:
+  """One step of `make_optimizer(config)` and the EMA, or none where not `ok`.
+
+  The arithmetic of optax's `update`, `optax.apply_updates` and the EMA,
+  written out per parameter so that XLA fuses each parameter's update into
+  one pass, with the new values kept only where `ok` (otherwise the old
+  ones). Computed through optax and then guarded by a `where` over the whole
+  state, XLA:CPU materialized and copied the moments: 0.31 s against 0.15 s
+  per step for aio5's 35.7 M parameters (docs/performance.md). Equal to
+  optax's result (tests/test_train.py).
+
+  Args:
+    config: the config (its `optim` group).
+    state: the state before the step.
+    grads: the gradient, a pytree like `state.params`.
+    grad_norm: its global norm.
+    ok: whether to apply the step (a boolean scalar).
+
+  Returns:
+    The state after the step; `step` advances either way.
+  """
+  o = config.optim
+  clip_state, (adam, lr_state) = state.opt_state
+  lr = learning_rate(config)
+  neg_lr = -(lr(adam.count) if callable(lr) else lr)
+  count = optax.safe_increment(adam.count)
+  bias1, bias2 = 1 - o.b1**count, 1 - o.b2**count
+  step = state.step + 1
+  decay = jnp.where(step % o.ema_every == 0, o.ema_decay, 1.0)
+
+  def one(p, g, mu, nu, ema):
+    # Each new value is computed from the kept ones before it, so each output
+    # reads only its own old value: updated in place, without copies.
+    keep = lambda new, old: jnp.where(ok, new, old)
+    if o.grad_clip > 0:
+      g = jnp.where(grad_norm < o.grad_clip, g, g / grad_norm * o.grad_clip)
+    mu = keep((1 - o.b1) * g + o.b1 * mu, mu)
+    nu = keep((1 - o.b2) * (g * g) + o.b2 * nu, nu)
+    p = keep(p + neg_lr * ((mu / bias1) / (jnp.sqrt(nu / bias2) + o.eps)), p)
+    return p, mu, nu, keep(decay * ema + (1 - decay) * p, ema)
+
+  out = jax.tree.map(one, state.params, grads, adam.mu, adam.nu,
+                     state.ema_params)
+  params, mu, nu, ema = (
+      jax.tree.map(lambda t, i=i: t[i], out,
+                   is_leaf=lambda t: isinstance(t, tuple)) for i in range(4))
+  count = jnp.where(ok, count, adam.count)
+  if isinstance(lr_state, optax.ScaleByScheduleState):  # Counts in step.
+    lr_state = lr_state._replace(count=count)
+  return state.replace(
+      step=step, params=params, ema_params=ema,
+      opt_state=(clip_state, (adam._replace(count=count, mu=mu, nu=nu),
+                              lr_state)),
+      nonfinite_step=jnp.where(ok | (state.nonfinite_step >= 0),
+                               state.nonfinite_step, state.step))
 
 
 def create_model(config):
@@ -268,7 +336,7 @@ def accumulate_gradients(grad_fn, params, batch, microbatches: int,
   return jax.tree.map(lambda x: x / m, total)
 
 
-def make_train_step(config, model, tx, sched, unroll: Optional[bool] = None):
+def make_train_step(config, model, sched, unroll: Optional[bool] = None):
   """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
   `batch` holds uint8 images (`data.create_train_iterator`'s layout); they
@@ -283,7 +351,6 @@ def make_train_step(config, model, tx, sched, unroll: Optional[bool] = None):
   """
   if unroll is None:
     unroll = jax.default_backend() == 'cpu'
-  o = config.optim
   model_fn = lambda p, x, c, t, ph: model.apply({'params': p}, x, c, t, ph)
   loss_fn = losses.make_loss_fn(model_fn, sched, config.diffusion,
                                 shared=config.model.shared)
@@ -302,18 +369,8 @@ def make_train_step(config, model, tx, sched, unroll: Optional[bool] = None):
         grad_fn, state.params, (images, draws), config.training.microbatches,
         unroll)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
-    decay = jnp.where(step % o.ema_every == 0, o.ema_decay, 1.0)
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                       state.ema_params, params)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updated = state.replace(step=step, params=params, ema_params=ema,
-                            opt_state=opt_state)
-    skipped = state.replace(step=step, nonfinite_step=jnp.where(
-        state.nonfinite_step < 0, state.step, state.nonfinite_step))
-    state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), updated, skipped)
+    state = apply_gradients(config, state, grads, grad_norm, ok)
     return state, dict(metrics, grad_norm=grad_norm)
 
   if config.training.steps_per_dispatch == 1:
@@ -462,7 +519,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   report = periodic_actions.ReportProgress(num_train_steps=t.num_steps,
                                            writer=writer,
                                            every_steps=t.log_every)
-  step_fn = jit_train_step(make_train_step(config, model, tx, sched),
+  step_fn = jit_train_step(make_train_step(config, model, sched),
                            shardings, mesh, leading=1 if k > 1 else 0)
   rng = jax.random.key(t.seed + 1)
 

@@ -47,6 +47,9 @@ def test_quick_bench_on_tiny_config(tmp_path):
   assert 0 < tr['train_step_s_min'] <= tr['train_step_s_median']
   assert tr['train_step_s_median'] <= tr['train_step_s_max']
   assert tr['images_per_s'] == pytest.approx(8 / tr['train_step_s_median'])
+  assert tr['images_per_s_pipelined'] == pytest.approx(
+      8 / tr['train_step_s_pipelined'])
+  assert tr['model_flops_utilization_pipelined'] is None  # No known peak.
   assert sa['image_size'] == 32 and sa['sample_s_per_image'] > 0
   assert sa['train_step_s_median'] is None
   assert 'fraction_of_calibration' in proc.stdout  # The table's header.

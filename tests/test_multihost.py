@@ -62,7 +62,7 @@ def _reference(config, num_steps):
   model, tx = train.create_model(config), train.make_optimizer(config)
   state, shardings = train.create_train_state(config, model, tx, mesh)
   step_fn = train.jit_train_step(
-      train.make_train_step(config, model, tx, train.make_schedule(config)),
+      train.make_train_step(config, model, train.make_schedule(config)),
       shardings, mesh, leading=0)
   t = config.training
   shards = [data_lib.create_train_iterator(

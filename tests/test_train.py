@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -81,7 +82,7 @@ def _one_step(config, devices):
   model, tx = train.create_model(config), train.make_optimizer(config)
   state, shardings = train.create_train_state(config, model, tx, mesh)
   step = train.jit_train_step(
-      train.make_train_step(config, model, tx, train.make_schedule(config)),
+      train.make_train_step(config, model, train.make_schedule(config)),
       shardings, mesh, leading=0)
   b = config.training.batch_size
   it = data_lib.create_train_iterator(config.data, b, b, shard_index=0,
@@ -148,7 +149,7 @@ def test_steps_per_dispatch_equal_single_steps(cache, unroll):
     config.training.steps_per_dispatch = k
     state, shardings = train.create_train_state(config, model, tx, mesh)
     step = train.jit_train_step(
-        train.make_train_step(config, model, tx, sched, unroll=unroll),
+        train.make_train_step(config, model, sched, unroll=unroll),
         shardings, mesh, leading=int(k > 1))
     for batch in feed:
       state, metrics = step(state, train.global_batch(batch, mesh, int(k > 1)),
@@ -246,3 +247,49 @@ def test_fsdp_axis_shards_parameters_and_batch():
   odd = jax.ShapeDtypeStruct((3,), jnp.float32)
   assert train.param_sharding(mesh, odd).spec == P()
   assert train.batch_sharding(mesh).spec == P(('data', 'fsdp'))
+
+
+@pytest.mark.parametrize('schedule, grad_clip, warmup, eps', [
+    ('cosine', 1.0, 2, 1e-8), ('constant', 0.0, 0, 1e-3),
+    ('constant', 5.0, 3, 0.1)])
+def test_apply_gradients_is_optax_adam_and_the_ema(schedule, grad_clip, warmup,
+                                                    eps):
+  config = aio5.get_config('tiny')
+  config.optim.update(schedule=schedule, grad_clip=grad_clip, eps=eps,
+                      warmup_steps=warmup, ema_every=2, ema_decay=0.9)
+  config.training.num_steps = 10
+  rs = np.random.RandomState(0)
+  params = {'a': {'kernel': jnp.asarray(rs.randn(3, 4), jnp.float32)},
+            'b': jnp.asarray(rs.randn(5), jnp.float32)}
+  tx = train.make_optimizer(config)
+  state = train.TrainState(step=jnp.int32(0), params=params,
+                           ema_params=jax.tree.map(jnp.copy, params),
+                           opt_state=tx.init(params),
+                           nonfinite_step=jnp.int32(-1))
+  ref = state
+  step = jax.jit(lambda s, g, n, ok: train.apply_gradients(config, s, g, n, ok))
+  for i in range(5):
+    # Norms 0.1 to 10: clipped and unclipped steps when grad_clip > 0.
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rs.randn(*p.shape) * 10.0**(i / 2 - 1),
+                              jnp.float32), params)
+    norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+    state = step(state, grads, norm, jnp.bool_(True))
+    updates, opt_state = tx.update(grads, ref.opt_state, ref.params)
+    new = optax.apply_updates(ref.params, updates)
+    decay = config.optim.ema_decay if (i + 1) % 2 == 0 else 1.0
+    ref = ref.replace(step=ref.step + 1, params=new, opt_state=opt_state,
+                      ema_params=jax.tree.map(
+                          lambda e, p: decay * e + (1 - decay) * p,
+                          ref.ema_params, new))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=2e-6, atol=1e-7), state, ref)
+    assert jax.tree.structure(state) == jax.tree.structure(ref)
+  # A skipped step: only `step` and `nonfinite_step` move, whatever the values.
+  bad = jax.tree.map(lambda g: g * jnp.nan, grads)
+  skipped = step(state, bad, jnp.float32(jnp.nan), jnp.bool_(False))
+  assert int(skipped.step) == 6 and int(skipped.nonfinite_step) == 5
+  jax.tree.map(np.testing.assert_array_equal,
+               skipped.replace(step=state.step, nonfinite_step=-1), state)
+  again = step(skipped, bad, jnp.float32(jnp.nan), jnp.bool_(False))
+  assert int(again.nonfinite_step) == 5  # The first bad step is kept.

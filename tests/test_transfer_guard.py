@@ -36,7 +36,7 @@ def setup(batch=8, size=16):
 
 def test_train_step_makes_no_transfers(setup):
   config, mesh, model, tx, sched, state, shardings, data, rng = setup
-  step = train.jit_train_step(train.make_train_step(config, model, tx, sched),
+  step = train.jit_train_step(train.make_train_step(config, model, sched),
                               shardings, mesh, leading=0)
   # The state is donated: step a copy, so the fixture's stays valid.
   state, _ = step(jax.tree.map(lambda x: x.copy(), state), data, rng)
