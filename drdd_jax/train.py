@@ -181,12 +181,12 @@ def apply_gradients(config, state: TrainState, grads, grad_norm,
   """One step of `make_optimizer(config)` and the EMA, or none where not `ok`.
 
   The arithmetic of optax's `update`, `optax.apply_updates` and the EMA,
-  written out per parameter so that XLA fuses each parameter's update into
-  one pass, with the new values kept only where `ok` (otherwise the old
-  ones). Computed through optax and then guarded by a `where` over the whole
-  state, XLA:CPU materialized and copied the moments: 0.31 s against 0.15 s
-  per step for aio5's 35.7 M parameters (docs/performance.md). Equal to
-  optax's result (tests/test_train.py).
+  written out per parameter, with the new values kept only where `ok`
+  (otherwise the old ones). Computed through optax and then guarded by a
+  `where` over the whole state, the donated moments were read by several
+  fusions while being overwritten, and XLA:CPU copied them first: 0.29 s
+  against 0.15 s per step for aio5's 35.7 M parameters (docs/performance.md).
+  Equal to optax's result (tests/test_train.py).
 
   Args:
     config: the config (its `optim` group).
