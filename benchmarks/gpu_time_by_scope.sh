@@ -28,8 +28,10 @@ XLA_FLAGS="--xla_dump_to=$tmp/dump --xla_dump_hlo_module_re=one_step \
   bench --json_out="$out/traced.jsonl" --profile_dir="$tmp/prof" "$@" \
   >"$out/traced.log" 2>&1 || echo "traced run failed (exit $?)"
 tail -n 3 "$out/traced.log"
-hlo=$(ls "$tmp"/dump/*one_step*after_optimizations.txt 2>/dev/null |
-  grep -v -e buffer -e live-range -e memory | tail -n 1)
+hlo=
+for f in "$tmp"/dump/*one_step*after_optimizations.txt; do
+  [ -f "$f" ] && hlo=$f
+done
 trace=$(find "$tmp/prof" -name perfetto_trace.json.gz | tail -n 1)
 [ -n "$hlo" ] && gzip -c "$hlo" >"$out/hlo.txt.gz"
 [ -n "$trace" ] && cp "$trace" "$out/trace.json.gz"
