@@ -7,6 +7,7 @@
 # (benchmarks/trace_by_scope.py). About 5 minutes on an H200.
 #
 # Usage: benchmarks/gpu_time_by_scope.sh OUT_DIR [extra drdd_jax.bench flags]
+#   CONFIG, PYTHON and TIMEOUT_S (default 240 s per run) as in accelerator.sh.
 set -u
 out=${1:?usage: benchmarks/gpu_time_by_scope.sh OUT_DIR [bench flags]}
 shift
