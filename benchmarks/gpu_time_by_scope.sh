@@ -36,5 +36,6 @@ done
 trace=$(find "$tmp/prof" -name perfetto_trace.json.gz | tail -n 1)
 [ -n "$hlo" ] && gzip -c "$hlo" >"$out/hlo.txt.gz"
 [ -n "$trace" ] && cp "$trace" "$out/trace.json.gz"
-"$python" "$(dirname "$0")/trace_by_scope.py" --trace="$trace" --hlo="$hlo" \
+PYTHONPATH="$(dirname "$0")/..${PYTHONPATH:+:$PYTHONPATH}" \
+  "$python" "$(dirname "$0")/trace_by_scope.py" --trace="$trace" --hlo="$hlo" \
   --json_out="$out/scope.json" | tee "$out/scope.txt"

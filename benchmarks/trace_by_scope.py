@@ -13,11 +13,10 @@ backward) and by op kind (convolution, matmul, reduction, elementwise, copy).
 """
 import argparse
 import collections
-import glob
-import gzip
 import json
-import os
 import re
+
+from drdd_jax import bench
 
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?'
                     r'metadata=\{[^}]*op_name="([^"]+)"')
@@ -35,7 +34,7 @@ def op_names(hlo_text: str) -> dict:
 
 
 def scope(op_name: str) -> str:
-  """'GroupNorm bwd', 'WSConv fwd', ... or 'other' for ops outside modules."""
+  """'GroupNorm bwd', 'WSConv fwd', ...; ops outside any module together."""
   parts = op_name.split('/')
   modules = [_MODULE.match(p).group(1) for p in parts if _MODULE.match(p)]
   if not modules:
@@ -59,16 +58,13 @@ def kind(hlo_op: str) -> str:
   return 'other'
 
 
-def op_times(trace_path: str, module: str) -> collections.Counter:
+def op_times(events: list, module: str) -> collections.Counter:
   """Milliseconds per HLO op of `module`, from the op events of a trace.
 
   Uses the trace lines whose events are named after their HLO op (XLA's op
   lines); kernel lines, which repeat the same time under kernel names, are
   skipped where such op lines exist.
   """
-  with gzip.open(trace_path) as f:
-    events = json.load(f)
-  events = events.get('traceEvents', []) if isinstance(events, dict) else events
   by_line = collections.defaultdict(list)
   for e in events:
     args = e.get('args') or {}
@@ -84,16 +80,6 @@ def op_times(trace_path: str, module: str) -> collections.Counter:
   return total
 
 
-def _find(path: str, pattern: str) -> str:
-  if os.path.isdir(path):
-    found = sorted(glob.glob(os.path.join(path, '**', pattern),
-                             recursive=True))
-    if not found:
-      raise SystemExit(f'No {pattern} under {path}.')
-    return found[-1]
-  return path
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--trace', required=True,
@@ -103,23 +89,20 @@ def main():
   parser.add_argument('--module', default='one_step')
   parser.add_argument('--json_out', help='Also write the tables here.')
   args = parser.parse_args()
-  trace = _find(args.trace, 'perfetto_trace.json.gz')
   with open(args.hlo) as f:
     names = op_names(f.read())
-  times = op_times(trace, args.module)
+  times = op_times(bench.trace_events(args.trace), args.module)
   if not times:
     raise SystemExit(f'No op events of a module matching {args.module!r}.')
   by_scope, by_kind, cross = (collections.Counter() for _ in range(3))
-  unmatched = 0.0
   for op, ms in times.items():
     s = scope(names[op]) if op in names else 'unmatched'
-    unmatched += ms if op not in names else 0
     by_scope[s] += ms
     by_kind[kind(op)] += ms
     cross[(s, kind(op))] += ms
   total = sum(times.values())
-  print(f'{trace}\n{total:.1f} ms of op time ({unmatched:.1f} ms not in the '
-        'HLO dump)')
+  print(f'{total:.1f} ms of op time ({by_scope["unmatched"]:.1f} ms not in '
+        'the HLO dump)')
   for title, table in (('by module and pass', by_scope), ('by op kind', by_kind)):
     print(f'\n{title}:')
     for k, ms in table.most_common():

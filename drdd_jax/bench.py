@@ -31,6 +31,8 @@ Each case runs in a fresh subprocess (unless `--noisolate`), so `peak_rss_mib`
 clock after one warm-up call; `cpu_s_median` (process CPU time) and the load
 average help to read numbers from a shared machine.
 """
+import glob
+import gzip
 import json
 import os
 import resource
@@ -163,6 +165,20 @@ def median_call_s(f, args, compiler_options=None, n: int = 10) -> float:
   return float(np.median(wall))
 
 
+def trace_events(path: str) -> list:
+  """The events of the newest `perfetto_trace.json.gz` under `path` (or of
+  that file)."""
+  if os.path.isdir(path):
+    found = sorted(glob.glob(os.path.join(path, '**', 'perfetto_trace.json.gz'),
+                             recursive=True))
+    if not found:
+      raise FileNotFoundError(f'No perfetto_trace.json.gz under {path}.')
+    path = found[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  return events.get('traceEvents', []) if isinstance(events, dict) else events
+
+
 def _profile(fn, name: str):
   """Traces one call of `fn`; returns [[op kind, ms, count], ...], longest first.
 
@@ -171,8 +187,6 @@ def _profile(fn, name: str):
   than the wall time: read it as where the time goes, not as a partition.
   """
   import collections  # pylint: disable=g-import-not-at-top
-  import glob  # pylint: disable=g-import-not-at-top
-  import gzip  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   if not _PROFILE_DIR.value:
@@ -181,14 +195,10 @@ def _profile(fn, name: str):
   try:
     with jax.profiler.trace(out, create_perfetto_trace=True):
       fn()
-    trace = sorted(glob.glob(os.path.join(out, '**', 'perfetto_trace.json.gz'),
-                             recursive=True))[-1]
-    with gzip.open(trace) as f:
-      events = json.load(f)
+    events = trace_events(out)
   except Exception as e:  # pylint: disable=broad-except
     # A diagnostic: the case's timings stand without it.
     return [[f'profile failed: {type(e).__name__}: {e}', 0.0, 0]]
-  events = events.get('traceEvents', []) if isinstance(events, dict) else events
   total, count = collections.Counter(), collections.Counter()
   for e in events:
     name_ = e.get('name', '')
