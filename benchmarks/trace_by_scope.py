@@ -18,18 +18,50 @@ import re
 
 from drdd_jax import bench
 
-_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?'
-                    r'metadata=\{[^}]*op_name="([^"]+)"')
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = ')
+_OP_NAME = re.compile(r'metadata=\{[^}]*op_name="([^"]+)"')
+_OPERAND = re.compile(r'%([\w.\-]+)')
+_CALLS = re.compile(r'calls=%?([\w.\-]+)')
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+) .*\{\s*$')
 _MODULE = re.compile(r'^([A-Z][A-Za-z]*)_\d+$')
 
 
 def op_names(hlo_text: str) -> dict:
-  """HLO instruction name -> its `op_name` metadata."""
-  out = {}
+  """HLO instruction name -> its `op_name` metadata.
+
+  A fusion often carries no metadata of its own (XLA:CPU's loop fusions):
+  it takes the `op_name` of the computation it calls, that of the
+  computation's root or else the most common one inside it. What is still
+  unnamed (the reduce-windows of XLA's tree-reduction rewrite) takes the
+  `op_name` of a user.
+  """
+  out, calls, operands = {}, {}, {}
+  roots, inside = {}, collections.defaultdict(collections.Counter)
+  computation = None
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)
-    if m:
-      out[m.group(1)] = m.group(2)
+    if not m:
+      m = _COMPUTATION.match(line)
+      computation = m.group(1) if m else computation
+      continue
+    op_name, called = _OP_NAME.search(line), _CALLS.search(line)
+    operands[m.group(1)] = _OPERAND.findall(line.split(' = ', 1)[1])
+    if op_name:
+      out[m.group(1)] = op_name.group(1)
+      inside[computation][op_name.group(1)] += 1
+      if line.lstrip().startswith('ROOT'):
+        roots[computation] = op_name.group(1)
+    elif called:
+      calls[m.group(1)] = called.group(1)
+  for name, computation in calls.items():
+    if computation in roots:
+      out[name] = roots[computation]
+    elif inside[computation]:
+      out[name] = inside[computation].most_common(1)[0][0]
+  for name, used in reversed(operands.items()):  # users before operands
+    for operand in used:
+      if name in out and operand in operands:
+        out.setdefault(operand, out[name])
   return out
 
 

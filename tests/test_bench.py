@@ -90,3 +90,38 @@ def test_matmul_case_and_accelerator_peaks():
   assert bench.peak_bf16_tflops('TPU v5 lite') == 197.0
   assert bench.peak_bf16_tflops('TPU v5p') == 459.0
   assert bench.peak_bf16_tflops('cpu') is None
+
+
+def test_trace_by_scope_names_every_traced_op(tmp_path):
+  """benchmarks/trace_by_scope.py: each op of a traced gradient step gets a
+  module and pass, fusions without metadata and XLA's reduce-windows too."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from drdd_jax import unet  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import trace_by_scope  # pylint: disable=g-import-not-at-top
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(16)(nn.silu(unet.GroupNorm(4)(x)))
+
+  x = jnp.ones((4, 64, 64, 16))
+  params = Net().init(jax.random.key(0), x)
+  loss = lambda p: jnp.mean(jnp.square(Net().apply(p, x)))
+  def grad_step(p):
+    return jax.grad(loss)(p)
+  compiled = jax.jit(grad_step).lower(params).compile(unet.compiler_options())
+  names = trace_by_scope.op_names(compiled.as_text())
+  jax.block_until_ready(compiled(params))
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    jax.block_until_ready(compiled(params))
+  times = trace_by_scope.op_times(bench.trace_events(str(tmp_path)),
+                                  'grad_step')
+  assert times and set(times) <= set(names)
+  scopes = {trace_by_scope.scope(names[op]) for op in times}
+  assert {'GroupNorm fwd', 'GroupNorm bwd', 'Dense bwd'} <= scopes
+  # The rewrite of the pixel sums into reduce-windows (no metadata of their
+  # own) is among the named ops.
+  assert any('reduce-window' in op for op in times)
