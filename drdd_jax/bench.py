@@ -239,7 +239,8 @@ def _record(case, *, image_size, batch, wall, cpu, compile_s, flops,
       flops_per_step=flops, achieved_tflops=flops / med / 1e12,
       fraction_of_calibration=None, peak_bf16_tflops=peak,
       model_flops_utilization=flops / med / 1e12 / peak if peak else None,
-      load_avg_1m=os.getloadavg()[0])
+      load_avg_1m=os.getloadavg()[0],
+      glibc_tunables=os.environ.get('GLIBC_TUNABLES'))
   rec.update(extra)
   return rec
 
@@ -287,7 +288,9 @@ def _one_pass_step(config, model):
 def bench_train(config, image_size: int, batch: int, n: int) -> dict:
   """The project's train step on random uint8 batches."""
   import jax  # pylint: disable=g-import-not-at-top
-  from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from drdd_jax import host_memory, train, unet
+  # pylint: enable=g-import-not-at-top
   with config.unlocked():
     config.training.batch_size = batch
     config.training.steps_per_dispatch = 1
@@ -308,7 +311,7 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
   # overrides them here.
   compiled = step.lower(state, data, rng).compile(_compiler_options())
   compile_s = time.perf_counter() - t0
-  train.release_freed_host_memory()  # As the training loop does.
+  host_memory.release_freed()  # As the training loop does.
   box = [state]
 
   def one_step():

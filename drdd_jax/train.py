@@ -6,7 +6,6 @@ loop). One `Mesh`; the batch is sharded over its batch axes (`data`, and
 `fsdp` if present), parameters are replicated, or sharded over `fsdp` when
 that axis has more than one device.
 """
-import ctypes
 import functools
 import math
 import signal
@@ -27,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from drdd_jax import checkpoints
 from drdd_jax import data as data_lib
 from drdd_jax import distributed
+from drdd_jax import host_memory
 from drdd_jax import losses
 from drdd_jax import schedules
 from drdd_jax import unet
@@ -402,18 +402,6 @@ def jit_train_step(train_step, state_shardings, mesh, leading: int):
                      mesh.devices.flat[0].platform))
 
 
-def release_freed_host_memory():
-  """Hands heap that the XLA compiler freed back to the OS (glibc only).
-
-  Compiling the aio5 train step leaves about 0.9 GiB of freed compiler memory
-  resident, which then adds to the step's own peak (docs/performance.md).
-  """
-  try:
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):  # Not glibc: nothing to do.
-    pass
-
-
 def global_batch(local_batch, mesh, leading: int = 0):
   """Process-local numpy arrays -> global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh, leading)
@@ -536,7 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                            leading=1 if k > 1 else 0)
       if step == start:  # Compile, then start the collectives together.
         step_fn = step_fn.lower(state, batch, rng).compile()
-        release_freed_host_memory()
+        host_memory.release_freed()
         distributed.barrier(f'train_step_compiled_{start}')
       state, metrics = step_fn(state, batch, rng)
       step += k

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from drdd_jax import bench
+from drdd_jax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ('case', 'backend', 'devices', 'image_size', 'batch',
@@ -43,6 +44,9 @@ def test_quick_bench_on_tiny_config(tmp_path):
     assert r['fraction_of_calibration'] > 0
     assert r['peak_bf16_tflops'] is None and r['model_flops_utilization'] is None
   assert cal['fraction_of_calibration'] == 1.0
+  # The program started again with malloc on huge pages (host_memory.py).
+  if host_memory.huge_pages_available() and 'GLIBC_TUNABLES' not in os.environ:
+    assert all(r['glibc_tunables'] == 'glibc.malloc.hugetlb=1' for r in printed)
   assert tr['steps'] == 2 and tr['batch'] == 4 and tr['image_size'] == 32
   assert 0 < tr['train_step_s_min'] <= tr['train_step_s_median']
   assert tr['train_step_s_median'] <= tr['train_step_s_max']
