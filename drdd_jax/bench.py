@@ -288,9 +288,8 @@ def _one_pass_step(config, model):
 def bench_train(config, image_size: int, batch: int, n: int) -> dict:
   """The project's train step on random uint8 batches."""
   import jax  # pylint: disable=g-import-not-at-top
-  # pylint: disable=g-import-not-at-top
-  from drdd_jax import host_memory, train, unet
-  # pylint: enable=g-import-not-at-top
+  from drdd_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
   with config.unlocked():
     config.training.batch_size = batch
     config.training.steps_per_dispatch = 1

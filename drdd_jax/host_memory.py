@@ -6,8 +6,8 @@ large with a fresh `mmap` and unmaps it when it is freed, so every call
 faults all of its pages in again: 240,000 page faults of 4 KiB per step on
 this project's CPU machine. With glibc's `glibc.malloc.hugetlb=1` tunable,
 malloc asks for transparent huge pages (2 MiB) for such blocks: about 1,500
-faults per step, and the step 4-7 % faster (docs/performance.md); the RSS
-peak is unchanged. Tunables are read when a process starts, so
+faults per step, the train step and the 256x256 restore 2-10 % faster in
+alternating runs (docs/performance.md), the RSS peak unchanged. Tunables are read when a process starts, so
 `use_huge_pages` starts the program again with the tunable set.
 """
 import ctypes
@@ -51,7 +51,10 @@ def use_huge_pages():
       t for t in (tunables, _TUNABLE) if t))
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, list(sys.orig_argv), env)
+  try:
+    os.execve(sys.executable, list(sys.orig_argv), env)
+  except OSError:  # Not re-executable: go on with glibc's defaults.
+    pass
 
 
 def release_freed():
