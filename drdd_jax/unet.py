@@ -371,8 +371,9 @@ class DRDDNet(nn.Module):
 
   def init_all(self, x, cond, t):
     """Touches every sub-network, so `init(..., method='init_all')` builds all."""
-    self(x, cond, t, 0)
-    return self(x, cond, t, 1)
+    out = self(x, cond, t, 0)
+    # One call creates all of a shared network's parameters.
+    return out if self.shared else self(x, cond, t, 1)
 
 
 def create_model(model_config, method: str = 'drdd',

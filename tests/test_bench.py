@@ -7,6 +7,8 @@ import sys
 import jax.numpy as jnp
 import pytest
 
+import conftest
+
 from drdd_jax import bench
 from drdd_jax import host_memory
 
@@ -23,7 +25,7 @@ def test_quick_bench_on_tiny_config(tmp_path):
   out = tmp_path / 'bench.jsonl'
   # One CPU device; XLA's backend optimizations off (a smoke test: they would
   # cost more compile time than the two timed steps).
-  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0',
+  env = dict(os.environ, XLA_FLAGS=conftest.FAST_COMPILE,
              JAX_PLATFORMS='cpu')
   proc = subprocess.run(
       [sys.executable, '-m', 'drdd_jax.bench', '--config=configs/aio5.py:tiny',

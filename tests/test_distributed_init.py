@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+import conftest
+
 from drdd_jax import distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def _run_two(tmp_path, mode: str, timeout: float):
   script = tmp_path / 'worker.py'
   script.write_text(WORKER)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=conftest.xla_flags(2))
   for k in ('DRDD_COORDINATOR_ADDRESS', 'DRDD_NUM_PROCESSES',
             'DRDD_PROCESS_ID'):
     env.pop(k, None)

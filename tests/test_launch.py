@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+import conftest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / 'launch'
 SCRIPTS = sorted(LAUNCH.glob('*.sh')) + sorted(LAUNCH.glob('*.sbatch'))
@@ -151,7 +153,7 @@ def test_local_multiprocess_with_jax_distributed(tmp_path):
   env = dict(os.environ, PYTHON=sys.executable,
              DRDD_MAIN_MODULE='jax_stand_in', JAX_PLATFORMS='cpu',
              PYTHONPATH=f'{tmp_path}:{LAUNCH.parent}',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=conftest.xla_flags(2))
   result = _run([str(LAUNCH / 'local_multiprocess.sh'), '2'], env=env)
   assert result.returncode == 0, result.stdout + result.stderr
   assert '[0] devices 2 4 4.0' in result.stdout
