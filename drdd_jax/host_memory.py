@@ -7,8 +7,9 @@ faults all of its pages in again: 240,000 page faults of 4 KiB per step on
 this project's CPU machine. With glibc's `glibc.malloc.hugetlb=1` tunable,
 malloc asks for transparent huge pages (2 MiB) for such blocks: about 1,500
 faults per step, the train step and the 256x256 restore 2-10 % faster in
-alternating runs (docs/performance.md), the RSS peak unchanged. Tunables are read when a process starts, so
-`use_huge_pages` starts the program again with the tunable set.
+alternating runs (docs/performance.md), the RSS peak unchanged. Tunables are
+read when a process starts, so `use_huge_pages` starts the program again with
+the tunable set.
 """
 import ctypes
 import os

@@ -23,8 +23,8 @@ KEYS = ('case', 'backend', 'devices', 'image_size', 'batch',
 @pytest.mark.slow
 def test_quick_bench_on_tiny_config(tmp_path):
   out = tmp_path / 'bench.jsonl'
-  # One CPU device; XLA's backend optimizations off (a smoke test: they would
-  # cost more compile time than the two timed steps).
+  # One CPU device, compiled as the other tests are (a smoke test: XLA's
+  # backend optimizations would cost more compile time than two steps take).
   env = dict(os.environ, XLA_FLAGS=conftest.FAST_COMPILE,
              JAX_PLATFORMS='cpu')
   proc = subprocess.run(

@@ -45,4 +45,3 @@ def test_use_huge_pages_starts_again_with_the_tunable():
                DRDD_JAX_MALLOC=None) == ['glibc.malloc.hugetlb=0']
   # The opt-out.
   assert _show(GLIBC_TUNABLES=None, DRDD_JAX_MALLOC='default') == ['None']
-

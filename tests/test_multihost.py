@@ -21,9 +21,6 @@ from drdd_jax import data as data_lib
 from drdd_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {'eval.at_end': False}
-
-
 def _config(cache, num_steps):
   config = aio5.get_config('tiny')
   config.data.cache_dir = str(cache)
@@ -35,12 +32,12 @@ def _config(cache, num_steps):
 def _launch(workdir, cache, num_steps):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHON=sys.executable,
              XLA_FLAGS=conftest.xla_flags(2))
-  flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
   proc = subprocess.run(
       ['bash', 'launch/local_multiprocess.sh', '2',
        '--config=configs/aio5.py:tiny', f'--workdir={workdir}',
        f'--config.data.cache_dir={cache}',
-       f'--config.training.num_steps={num_steps}', *flags],
+       f'--config.training.num_steps={num_steps}',
+       '--config.eval.at_end=False'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
       check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

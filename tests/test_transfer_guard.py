@@ -14,7 +14,7 @@ from drdd_jax import sampler, train
 
 
 @pytest.fixture(scope='module')
-def setup(batch=8, size=32):
+def setup(batch=8, size=32):  # The tiny config's crop: its compiled step.
   config = aio5.get_config('tiny')
   config.training.batch_size = batch  # Divisible by the 8 test devices.
   mesh = train.make_mesh(config.mesh)
