@@ -2,10 +2,12 @@
 
   python benchmarks/layers.py
 
-GroupNorm (`nn.GroupNorm` vs `unet.GroupNorm`, alone and with FiLM + SiLU)
-and weight standardization (`mean(axis=(0, 1, 2))` vs the [kh*kw*in, out]
-view of `unet.standardize_kernel`), forward and forward+backward, under
-`unet.compiler_options()`. docs/performance.md quotes it.
+GroupNorm (`nn.GroupNorm` vs `unet.GroupNorm`, alone and with FiLM + SiLU,
+the latter through `unet.scale_shift`; gradients for the parameters, the
+input and the FiLM factors) and weight standardization (autodiff of
+`mean(axis=(0, 1, 2))` vs `unet.standardize_kernel`), forward and
+forward+backward, under `unet.compiler_options()`. docs/performance.md
+quotes it.
 """
 import flax.linen as nn
 import jax
@@ -37,16 +39,19 @@ def main():
       p = norm.init(key, x)
       f = lambda x, p=p, norm=norm: norm.apply(p, x)
 
-      def block(x, film, f=f):
+      film_op = (unet.scale_shift if norm is norms['unet.GroupNorm']
+                 else lambda h, mul, add: h * mul + add)
+
+      def block(p, x, film, norm=norm, film_op=film_op):
         scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
-        return jax.nn.silu(f(x) * (scale + 1) + shift)
+        return jax.nn.silu(film_op(norm.apply(p, x), scale + 1, shift))
 
       tag = f'{name} {shape}'
       bench(f'{tag} fwd', f, x)
-      bench(f'{tag} +FiLM+SiLU fwd', block, x, film)
-      bench(f'{tag} +FiLM+SiLU fwd+bwd', lambda x, film, block=block: jax.grad(
-          lambda x, film: jnp.sum(block(x, film) * x), argnums=(0, 1))(
-              x, film), x, film)
+      bench(f'{tag} +FiLM+SiLU fwd', block, p, x, film)
+      bench(f'{tag} +FiLM+SiLU fwd+bwd', lambda p, x, film, block=block: jax.grad(
+          lambda *a: jnp.sum(block(*a) * x), argnums=(0, 1, 2))(p, x, film),
+            p, x, film)
   w = jax.random.normal(key, (3, 3, 512, 512))
   g = jax.random.normal(jax.random.key(1), w.shape)
   for name, f in (('mean(axis=(0, 1, 2))', ws_textbook),

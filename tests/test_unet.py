@@ -66,25 +66,50 @@ def test_bad_model_config_names_the_field(tiny):
     unet.create_model(tiny.model)
 
 
-def test_fast_layers_equal_the_reference_layers():
-  """GroupNorm and WSConv are written for XLA:CPU: the reference maths."""
+@pytest.mark.parametrize('pixels,in_channels', [((6, 10), 16), ((64, 64), 512)])
+def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
+  """GroupNorm, WSConv and the FiLM scale/shift are written for XLA:CPU: the
+  reference maths, values and gradients. The second size takes the split
+  sums of `unet.sum_rows` (4096 pixels; 9 * 512 kernel rows)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  x = jax.random.normal(jax.random.key(0), (2, 6, 10, 16)) * 3 + 1
+  x = jax.random.normal(jax.random.key(0), (2, *pixels, 16)) * 3 + 1
   rng = jax.random.key(1)
+
+  def close(a, b):  # float32 sums in another order: relative to the scale
+    np.testing.assert_allclose(a, b, atol=3e-5 * float(jnp.abs(b).max()))
+
+  def check(ours, ref, *args):
+    want = ref(*args)
+    close(ours(*args), want)
+    # A linear loss: the gradients compare the backward passes alone.
+    r = jax.random.normal(rng, want.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * r)
+    argnums = tuple(range(len(args)))
+    jax.tree.map(close, jax.grad(loss(ours), argnums)(*args),
+                 jax.grad(loss(ref), argnums)(*args))
 
   ours, ref = unet.GroupNorm(4), nn.GroupNorm(4, epsilon=1e-5)
   p = ref.init(rng, x)
   p = jax.tree.map(lambda v: v + jax.random.normal(rng, v.shape), p)
   assert jax.tree.structure(ours.init(rng, x)) == jax.tree.structure(p)
-  np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=2e-5)
+  check(ours.apply, ref.apply, p, x)
 
+  film = jax.random.normal(rng, (2, 1, 1, 16))
+  check(unet.scale_shift, lambda x, m, a: x * m + a, x, film, -film)
+
+  x = jnp.tile(x, (1, 1, 1, in_channels // 16))
   conv = unet.WSConv(8)
   p = conv.init(rng, x)
-  w = p['params']['kernel']
-  w_std = (w - w.mean((0, 1, 2))) / jnp.sqrt(w.var((0, 1, 2)) + 1e-5)
-  want = jax.lax.conv_general_dilated(
-      x, w_std, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_allclose(conv.apply(p, x), want, atol=1e-4)
+  p = jax.tree.map(lambda v: v + jax.random.normal(rng, v.shape), p)
+
+  def reference(p, x):
+    w, bias = p['params']['kernel'], p['params']['bias']
+    w_std = (w - w.mean((0, 1, 2))) / jnp.sqrt(w.var((0, 1, 2)) + 1e-5)
+    return jax.lax.conv_general_dilated(
+        x, w_std, (1, 1), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+
+  check(conv.apply, reference, p, x)
 
 
 def test_linear_attention_equals_per_head_reference():

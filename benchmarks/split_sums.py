@@ -1,0 +1,111 @@
+"""A/B in one process: the aio5 train step and sampler with and without the
+split sums of `unet.sum_rows`.
+
+  python benchmarks/split_sums.py --what=train --calls=8
+  python benchmarks/split_sums.py --what=256 --calls=6
+
+Compiles the program twice, once with `unet.sum_rows` replaced by plain
+`x.sum(axis=-2)` while tracing, and calls the two alternately, so that this
+machine's drift (±15 % between runs) hits both alike. `--what=train`: the
+train step at 64x64, 4 pairs + 4 noise targets; a number: the 2+2-step
+sampler on one image of that size. Run it as the package runs
+(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, see `drdd_jax/host_memory.py`) to
+compare like with like. docs/performance.md quotes it.
+"""
+import argparse
+import contextlib
+import importlib.util
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drdd_jax import bench, sampler, train, unet
+
+
+@contextlib.contextmanager
+def plain_sums(plain: bool):
+  saved = unet.sum_rows
+  if plain:
+    unet.sum_rows = lambda *xs: tuple(x.sum(axis=-2) for x in xs)
+  try:
+    yield
+  finally:
+    unet.sum_rows = saved
+
+
+def train_calls(config):
+  with config.unlocked():
+    config.training.batch_size = 4
+    config.training.steps_per_dispatch = 1
+  mesh = train.make_mesh(config.mesh)
+  model, tx = train.create_model(config), train.make_optimizer(config)
+  data = train.global_batch(
+      bench._synthetic_batch(4, train.noise_batch_size(config), 64), mesh)  # pylint: disable=protected-access
+  rng = jax.device_put(jax.random.key(0))
+  calls = {}
+  for plain in (True, False):
+    state, shardings = train.create_train_state(config, model, tx, mesh)
+    step = train.jit_train_step(
+        train.make_train_step(config, model, train.make_schedule(config)),
+        shardings, mesh, leading=0)
+    with plain_sums(plain):
+      compiled = step.lower(state, data, rng).compile(unet.compiler_options())
+    box = [state]
+
+    def call(compiled=compiled, box=box):
+      box[0], metrics = compiled(box[0], data, rng)
+      jax.block_until_ready((box[0], metrics))
+
+    calls['plain sums' if plain else 'split sums'] = call
+  return calls
+
+
+def sample_calls(config, size: int):
+  model = train.create_model(config)
+  params = jax.jit(lambda r: unet.init_params(model, r))(jax.random.key(0))
+  y = jax.random.uniform(jax.random.key(1), (1, size, size, 3), jnp.float32,
+                         -1.0, 1.0)
+  rng = jax.random.key(2)
+  calls = {}
+  for plain in (True, False):
+    sample = sampler.make_sampler(model, train.make_schedule(config),
+                                  config.diffusion, config.sampling)
+    with plain_sums(plain):
+      compiled = sample.lower(params, y, rng).compile()
+    calls['plain sums' if plain else 'split sums'] = (
+        lambda compiled=compiled: jax.block_until_ready(
+            compiled(params, y, rng)))
+  return calls
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--what', default='train',
+                      help="'train' or an image size for the sampler")
+  parser.add_argument('--calls', type=int, default=6)
+  args = parser.parse_args()
+  spec = importlib.util.spec_from_file_location('aio5', os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'aio5.py'))
+  aio5 = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(aio5)
+  config = aio5.get_config()
+  calls = (train_calls(config) if args.what == 'train'
+           else sample_calls(config, int(args.what)))
+  times = {name: [] for name in calls}
+  for call in calls.values():  # warm-up
+    call()
+  for _ in range(args.calls):
+    for name, call in calls.items():
+      t0 = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - t0)
+  for name, t in times.items():
+    print(f'{args.what} {name}: median {np.median(t):.3f} s, min {min(t):.3f} '
+          f's over {len(t)} calls', flush=True)
+
+
+if __name__ == '__main__':
+  main()
