@@ -2,12 +2,11 @@
 
   python benchmarks/layers.py
 
-GroupNorm (`nn.GroupNorm` vs `unet.GroupNorm`, alone and with FiLM + SiLU,
-the latter through `unet.scale_shift`; gradients for the parameters, the
-input and the FiLM factors) and weight standardization (autodiff of
-`mean(axis=(0, 1, 2))` vs `unet.standardize_kernel`), forward and
-forward+backward, under `unet.compiler_options()`. docs/performance.md
-quotes it.
+GroupNorm (`nn.GroupNorm` vs `unet.GroupNorm`, alone and with FiLM + SiLU;
+gradients for the parameters, the input and the FiLM factors) and weight
+standardization (`mean(axis=(0, 1, 2))` vs `unet.standardize_kernel`),
+forward and forward+backward, under `unet.compiler_options()`.
+docs/performance.md quotes it.
 """
 import flax.linen as nn
 import jax
@@ -39,12 +38,9 @@ def main():
       p = norm.init(key, x)
       f = lambda x, p=p, norm=norm: norm.apply(p, x)
 
-      film_op = (unet.scale_shift if norm is norms['unet.GroupNorm']
-                 else lambda h, mul, add: h * mul + add)
-
-      def block(p, x, film, norm=norm, film_op=film_op):
+      def block(p, x, film, norm=norm):
         scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
-        return jax.nn.silu(film_op(norm.apply(p, x), scale + 1, shift))
+        return jax.nn.silu(norm.apply(p, x) * (scale + 1) + shift)
 
       tag = f'{name} {shape}'
       bench(f'{tag} fwd', f, x)

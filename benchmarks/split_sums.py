@@ -4,9 +4,9 @@ split sums of `unet.sum_rows`.
   python benchmarks/split_sums.py --what=train --calls=8
   python benchmarks/split_sums.py --what=256 --calls=6
 
-Compiles the program twice, once with `unet.sum_rows` replaced by plain
-`x.sum(axis=-2)` while tracing, and calls the two alternately, so that this
-machine's drift (±15 % between runs) hits both alike. `--what=train`: the
+Compiles the program twice (once with `unet.sum_rows` replaced by plain
+`x.sum(axis=-2)` while tracing) and calls the two in turn, so that
+this machine's drift (±15 % between runs) hits both alike. `--what=train`: the
 train step at 64x64, 4 pairs + 4 noise targets; a number: the 2+2-step
 sampler on one image of that size. Run it as the package runs
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, see `drdd_jax/host_memory.py`) to
@@ -25,10 +25,14 @@ import numpy as np
 from drdd_jax import bench, sampler, train, unet
 
 
+VARIANTS = ('plain sums', 'split sums')
+
+
 @contextlib.contextmanager
-def plain_sums(plain: bool):
+def traced_as(variant: str):
+  """`unet.sum_rows` as plain sums while tracing the 'plain sums' variant."""
   saved = unet.sum_rows
-  if plain:
+  if variant == 'plain sums':
     unet.sum_rows = lambda *xs: tuple(x.sum(axis=-2) for x in xs)
   try:
     yield
@@ -46,12 +50,12 @@ def train_calls(config):
       bench._synthetic_batch(4, train.noise_batch_size(config), 64), mesh)  # pylint: disable=protected-access
   rng = jax.device_put(jax.random.key(0))
   calls = {}
-  for plain in (True, False):
+  for name in VARIANTS:
     state, shardings = train.create_train_state(config, model, tx, mesh)
     step = train.jit_train_step(
         train.make_train_step(config, model, train.make_schedule(config)),
         shardings, mesh, leading=0)
-    with plain_sums(plain):
+    with traced_as(name):
       compiled = step.lower(state, data, rng).compile(unet.compiler_options())
     box = [state]
 
@@ -59,7 +63,7 @@ def train_calls(config):
       box[0], metrics = compiled(box[0], data, rng)
       jax.block_until_ready((box[0], metrics))
 
-    calls['plain sums' if plain else 'split sums'] = call
+    calls[name] = call
   return calls
 
 
@@ -70,12 +74,12 @@ def sample_calls(config, size: int):
                          -1.0, 1.0)
   rng = jax.random.key(2)
   calls = {}
-  for plain in (True, False):
+  for name in VARIANTS:
     sample = sampler.make_sampler(model, train.make_schedule(config),
                                   config.diffusion, config.sampling)
-    with plain_sums(plain):
+    with traced_as(name):
       compiled = sample.lower(params, y, rng).compile()
-    calls['plain sums' if plain else 'split sums'] = (
+    calls[name] = (
         lambda compiled=compiled: jax.block_until_ready(
             compiled(params, y, rng)))
   return calls
@@ -94,17 +98,20 @@ def main():
   config = aio5.get_config()
   calls = (train_calls(config) if args.what == 'train'
            else sample_calls(config, int(args.what)))
-  times = {name: [] for name in calls}
+  wall = {name: [] for name in calls}
+  cpu = {name: [] for name in calls}
   for call in calls.values():  # warm-up
     call()
   for _ in range(args.calls):
     for name, call in calls.items():
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       call()
-      times[name].append(time.perf_counter() - t0)
-  for name, t in times.items():
-    print(f'{args.what} {name}: median {np.median(t):.3f} s, min {min(t):.3f} '
-          f's over {len(t)} calls', flush=True)
+      wall[name].append(time.perf_counter() - t0)
+      cpu[name].append(time.process_time() - c0)
+  for name in calls:
+    print(f'{args.what} {name}: median {np.median(wall[name]):.3f} s, min '
+          f'{min(wall[name]):.3f} s, CPU time median '
+          f'{np.median(cpu[name]):.2f} s over {args.calls} calls', flush=True)
 
 
 if __name__ == '__main__':

@@ -68,9 +68,9 @@ def test_bad_model_config_names_the_field(tiny):
 
 @pytest.mark.parametrize('pixels,in_channels', [((6, 10), 16), ((64, 64), 512)])
 def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
-  """GroupNorm, WSConv and the FiLM scale/shift are written for XLA:CPU: the
-  reference maths, values and gradients. The second size takes the split
-  sums of `unet.sum_rows` (4096 pixels; 9 * 512 kernel rows)."""
+  """GroupNorm and WSConv are written for XLA:CPU: the reference maths,
+  values and gradients. The second size takes the split sums of
+  `unet.sum_rows` (4096 pixels; 9 * 512 kernel rows)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(0), (2, *pixels, 16)) * 3 + 1
   rng = jax.random.key(1)
@@ -93,9 +93,6 @@ def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
   p = jax.tree.map(lambda v: v + jax.random.normal(rng, v.shape), p)
   assert jax.tree.structure(ours.init(rng, x)) == jax.tree.structure(p)
   check(ours.apply, ref.apply, p, x)
-
-  film = jax.random.normal(rng, (2, 1, 1, 16))
-  check(unet.scale_shift, lambda x, m, a: x * m + a, x, film, -film)
 
   x = jnp.tile(x, (1, 1, 1, in_channels // 16))
   conv = unet.WSConv(8)
