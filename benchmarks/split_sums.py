@@ -1,8 +1,8 @@
 """A/B in one process: the aio5 train step and sampler with and without the
 split sums of `unet.sum_rows`.
 
-  python benchmarks/split_sums.py --what=train --calls=8
-  python benchmarks/split_sums.py --what=256 --calls=6
+  python benchmarks/split_sums.py --what=train --calls=10
+  python benchmarks/split_sums.py --what=256 --calls=10
 
 Compiles the program twice (once with `unet.sum_rows` replaced by plain
 `x.sum(axis=-2)` while tracing) and calls the two in turn, so that
