@@ -89,7 +89,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--what', default='train',
                       help="'train' or an image size for the sampler")
-  parser.add_argument('--calls', type=int, default=6)
+  parser.add_argument('--calls', type=int, default=10)
   args = parser.parse_args()
   spec = importlib.util.spec_from_file_location('aio5', os.path.join(
       os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'aio5.py'))

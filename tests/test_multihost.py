@@ -21,6 +21,8 @@ from drdd_jax import data as data_lib
 from drdd_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _config(cache, num_steps):
   config = aio5.get_config('tiny')
   config.data.cache_dir = str(cache)
