@@ -131,3 +131,27 @@ def test_trace_by_scope_names_every_traced_op(tmp_path):
   # The rewrite of the pixel sums into reduce-windows (no metadata of their
   # own) is among the named ops.
   assert any('reduce-window' in op for op in times)
+
+
+@pytest.mark.parametrize('remat', [False, True])  # True: inside custom_vjp
+def test_conv_budget_finds_every_convolution(remat):
+  """benchmarks/conv_budget.py: one convolution per 4-D kernel, at the
+  shapes of the pass (the stem and the downsampling levels checked)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import configs.aio5 as aio5  # pylint: disable=g-import-not-at-top
+  from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import conv_budget  # pylint: disable=g-import-not-at-top
+  config = aio5.get_config('tiny')
+  config.model.remat = remat
+  convs = conv_budget.network_convolutions(config, 2, 16)
+  model = train.create_model(config)
+  params = jax.eval_shape(lambda r: unet.init_params(model, r),
+                          jax.random.key(0))
+  kernels = [k.shape for k in jax.tree.leaves(params) if k.ndim == 4]
+  assert sum(convs.values()) == len(kernels)
+  assert sorted(rhs for (_, rhs, _), n in convs.items() for _ in range(n)) == (
+      sorted(kernels))
+  base = config.model.base_channels
+  assert ((2, 16, 16, 6), (7, 7, 6, base), ((3, 3), (3, 3))) in convs
+  assert {lhs[1] for lhs, _, _ in convs} == {16, 8}
