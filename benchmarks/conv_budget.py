@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drdd_jax import train, unet
+import xla_cpu_convolutions  # pylint: disable=g-bad-import-order
 
 
 def network_convolutions(config, batch: int, size: int) -> collections.Counter:
@@ -70,13 +71,17 @@ def main():
   parser.add_argument('--size', type=int, default=64)
   parser.add_argument('--forward_only', action='store_true')
   parser.add_argument('--calls', type=int, default=7)
+  parser.add_argument('--library', default='eigen',
+                      help='XLA:CPU convolution library: a key of '
+                      'xla_cpu_convolutions.OPTIONS (eigen = what training '
+                      'uses, unet.compiler_options())')
   args = parser.parse_args()
   spec = importlib.util.spec_from_file_location('aio5', os.path.join(
       os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'aio5.py'))
   aio5 = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(aio5)
   convs = network_convolutions(aio5.get_config(), args.batch, args.size)
-  options = unet.compiler_options()
+  options = xla_cpu_convolutions.OPTIONS[args.library]
   total_s = total_flops = 0.0
   for (lhs, rhs, padding), count in sorted(
       convs.items(), key=lambda kv: -np.prod(kv[0][0]) * kv[0][1][-1]):
@@ -112,6 +117,7 @@ def main():
     print(json.dumps(record), flush=True)
   print(json.dumps(dict(
       batch=args.batch, size=args.size, forward_only=args.forward_only,
+      library=args.library,
       convolutions=sum(convs.values()), distinct=len(convs),
       total_s=total_s, total_gflop=total_flops / 1e9,
       gflops=total_flops / total_s / 1e9)))
