@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def _cpu_s():
@@ -303,7 +304,6 @@ def _time(fn, n, warmup=1):
 
 
 def _flops(fn):
-  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
   with FlopCounterMode(display=False) as counter:
     fn()
   return float(counter.get_total_flops())
@@ -318,7 +318,8 @@ def _record(case, image_size, batch, wall, cpu, compile_s, flops,
              memory_format=memory_format, image_size=image_size, batch=batch,
              steps=len(wall), time_s_median=med, time_s_min=min(wall),
              time_s_max=max(wall), cpu_s_median=statistics.median(cpu),
-             compile_s=compile_s, flops_per_step=flops, achieved_tflops=flops / med / 1e12,
+             compile_s=compile_s, flops_per_step=flops,
+             achieved_tflops=flops / med / 1e12,
              peak_rss_mib=resource.getrusage(
                  resource.RUSAGE_SELF).ru_maxrss / 1024)
   rec.update(extra)
@@ -360,7 +361,8 @@ def bench_train(eager, model, size, batch, n, fmt, lr=2e-5):
     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
     opt.step()
     with torch.no_grad():
-      torch._foreach_lerp_(ema, params, 1 - 0.995)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      torch._foreach_lerp_(ema, params, 1 - 0.995)
 
   flops = _flops(lambda: step(eager))
   return (*_time(step, n, warmup=2), flops)
@@ -424,8 +426,8 @@ def main():
       records.append(_record(case, 64, 8, wall, cpu, compile_s, flops,
                              args.memory_format, args.compile))
     elif case == 'train':
-      wall, cpu, compile_s, flops = bench_train(model, run, args.image_size, args.batch,
-                                     args.steps, fmt)
+      wall, cpu, compile_s, flops = bench_train(
+          model, run, args.image_size, args.batch, args.steps, fmt)
       records.append(_record(case, args.image_size, args.batch, wall, cpu,
                              compile_s, flops, args.memory_format, args.compile,
                              params=params,
@@ -433,8 +435,8 @@ def main():
                              train_step_s_median=statistics.median(wall)))
     elif case == 'sample':
       for size in (int(s) for s in args.sample_sizes.split(',')):
-        wall, cpu, compile_s, flops = bench_sample(model, run, size, max(3, args.steps // 2),
-                                        fmt)
+        wall, cpu, compile_s, flops = bench_sample(
+            model, run, size, max(3, args.steps // 2), fmt)
         records.append(_record(case, size, 1, wall, cpu, compile_s, flops,
                                args.memory_format, args.compile,
                                network_calls=4,

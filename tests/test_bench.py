@@ -150,8 +150,8 @@ def test_conv_budget_finds_every_convolution(remat):
                           jax.random.key(0))
   kernels = [k.shape for k in jax.tree.leaves(params) if k.ndim == 4]
   assert sum(convs.values()) == len(kernels)
-  assert sorted(rhs for (_, rhs, _), n in convs.items() for _ in range(n)) == (
-      sorted(kernels))
+  found = [rhs for (_, rhs, _), n in convs.items() for _ in range(n)]
+  assert sorted(found) == sorted(kernels)
   base = config.model.base_channels
   assert ((2, 16, 16, 6), (7, 7, 6, base), ((3, 3), (3, 3))) in convs
   assert {lhs[1] for lhs, _, _ in convs} == {16, 8}
