@@ -107,47 +107,45 @@ class ResBlock(nn.Module):
     return h + self.skip(x)
 
 
-class LinearAttention(nn.Module):
+class Attention(nn.Module):
+  """Residual pre-norm full softmax attention (`unet.Attention`)."""
 
   def __init__(self, c, heads, head_dim):
     super().__init__()
     self.heads, self.head_dim = heads, head_dim
     width = heads * head_dim
-    name = Counter(self)
-    self.norm = name('LayerNorm', ChannelLayerNorm(c))
-    self.to_qkv = name('Conv', nn.Conv2d(c, 3 * width, 1, bias=False))
-    self.to_out = name('Conv', nn.Conv2d(width, c, 1))
-    self.out_norm = name('LayerNorm', ChannelLayerNorm(c))
+    self.names = Counter(self)
+    self.norm = self.names('LayerNorm', ChannelLayerNorm(c))
+    self.to_qkv = self.names('Conv', nn.Conv2d(c, 3 * width, 1, bias=False))
+    self.to_out = self.names('Conv', nn.Conv2d(width, c, 1))
+
+  def qkv(self, x):
+    """q, k, v of the normalized `x`, each [b, heads, head_dim, pixels]."""
+    b, _, hh, ww = x.shape
+    return (t.reshape(b, self.heads, self.head_dim, hh * ww)
+            for t in self.to_qkv(self.norm(x)).chunk(3, dim=1))
 
   def forward(self, x):
-    b, c, hh, ww = x.shape
-    q, k, v = (t.reshape(b, self.heads, self.head_dim, hh * ww)
-               for t in self.to_qkv(self.norm(x)).chunk(3, dim=1))
+    q, k, v = (t.transpose(2, 3) for t in self.qkv(x))
+    out = F.scaled_dot_product_attention(q, k, v).transpose(2, 3)
+    return x + self.to_out(out.reshape(x.shape[0], -1, *x.shape[2:]))
+
+
+class LinearAttention(Attention):
+  """`unet.LinearAttention`, written per head as the release writes it."""
+
+  def __init__(self, c, heads, head_dim):
+    super().__init__(c, heads, head_dim)
+    self.out_norm = self.names('LayerNorm', ChannelLayerNorm(c))
+
+  def forward(self, x):
+    q, k, v = self.qkv(x)
     q = q.softmax(dim=-2) * self.head_dim**-0.5
     k = k.softmax(dim=-1)
     context = torch.einsum('bhdn,bhen->bhde', k, v)
     out = torch.einsum('bhde,bhdn->bhen', context, q)
-    out = self.out_norm(self.to_out(out.reshape(b, -1, hh, ww)))
-    return x + out
-
-
-class Attention(nn.Module):
-
-  def __init__(self, c, heads, head_dim):
-    super().__init__()
-    self.heads, self.head_dim = heads, head_dim
-    width = heads * head_dim
-    name = Counter(self)
-    self.norm = name('LayerNorm', ChannelLayerNorm(c))
-    self.to_qkv = name('Conv', nn.Conv2d(c, 3 * width, 1, bias=False))
-    self.to_out = name('Conv', nn.Conv2d(width, c, 1))
-
-  def forward(self, x):
-    b, c, hh, ww = x.shape
-    q, k, v = (t.reshape(b, self.heads, self.head_dim, hh * ww).transpose(2, 3)
-               for t in self.to_qkv(self.norm(x)).chunk(3, dim=1))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return x + self.to_out(out.transpose(2, 3).reshape(b, -1, hh, ww))
+    out = self.to_out(out.reshape(x.shape[0], -1, *x.shape[2:]))
+    return x + self.out_norm(out)
 
 
 def timestep_embedding(t, dim):
