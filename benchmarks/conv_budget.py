@@ -5,8 +5,9 @@
 
 Traces the aio5 network's forward pass at [batch, size, size] (the train
 step at 64x64 runs it once on 4 pairs + 4 noise targets: batch 8), collects
-its `conv_general_dilated`s, and times each distinct one compiled alone with
-`unet.compiler_options()`: forward, and (unless `--forward_only`) forward
+its `conv_general_dilated`s, and times each distinct one compiled alone
+(with `unet.compiler_options()`, as training does, unless `--library` names
+another convolution library): forward, and (unless `--forward_only`) forward
 plus the gradients the step needs (kernel only for the first layer, whose
 input is data). The sum over the network is what the convolutions alone
 cost at XLA:CPU's speed for their shapes; the step cannot be faster than
@@ -19,13 +20,13 @@ import collections
 import importlib.util
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from drdd_jax import train, unet
+from drdd_jax.bench import median_call_s
 import xla_cpu_convolutions  # pylint: disable=g-bad-import-order
 
 
@@ -53,16 +54,6 @@ def network_convolutions(config, batch: int, size: int) -> collections.Counter:
 
   walk(jaxpr.jaxpr)
   return found
-
-
-def median_s(fn, args, calls: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def main():
@@ -94,8 +85,7 @@ def main():
 
     out = jax.eval_shape(conv, x, w)
     flops = 2.0 * np.prod(out.shape) * np.prod(rhs[:-1])
-    fwd = jax.jit(conv).lower(x, w).compile(options)
-    seconds = median_s(fwd, (x, w), args.calls)
+    seconds = median_call_s(conv, (x, w), options, args.calls)
     record = dict(input=lhs, kernel=rhs, count=count,
                   forward_ms=1e3 * seconds,
                   forward_gflops=flops / seconds / 1e9)
@@ -106,8 +96,7 @@ def main():
         grads = lambda a, b: jax.vjp(lambda k: conv(a, k), b)[1](cotangent)
       else:
         grads = lambda a, b: jax.vjp(conv, a, b)[1](cotangent)
-      grad_s = median_s(jax.jit(grads).lower(x, w).compile(options), (x, w),
-                        args.calls)
+      grad_s = median_call_s(grads, (x, w), options, args.calls)
       record.update(gradient_ms=1e3 * grad_s,
                     gradient_gflops=(1 if first else 2) * flops / grad_s / 1e9)
       seconds += grad_s
