@@ -275,24 +275,30 @@ def _synthetic_batch(batch: int, noise_batch: int, size: int):
 
 
 def _one_pass_step(config, model):
-  """The train step without microbatches: the same FLOPs, but no loop.
+  """One train step without microbatches: the same FLOPs, but no loop.
 
   XLA's cost analysis counts a loop body once.
   """
   from drdd_jax import train  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.training.microbatches = 1
+  config.training.steps_per_dispatch = 1
   return train.make_train_step(config, model, train.make_schedule(config))
 
 
 def bench_train(config, image_size: int, batch: int, n: int) -> dict:
-  """The project's train step on random uint8 batches."""
+  """The project's train step on random uint8 batches.
+
+  With `training.steps_per_dispatch` = K > 1, each timed call runs K steps
+  (K copies of the batch); the times are per train step.
+  """
   import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from drdd_jax import host_memory  # pylint: disable=g-import-not-at-top
   from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
   with config.unlocked():
     config.training.batch_size = batch
-    config.training.steps_per_dispatch = 1
+  k = config.training.steps_per_dispatch
   mesh = train.make_mesh(config.mesh)
   train.check_config(config, len(mesh.devices.flat))
   model = train.create_model(config)
@@ -300,10 +306,12 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
   state, shardings = train.create_train_state(config, model, tx, mesh)
   step = train.jit_train_step(
       train.make_train_step(config, model, train.make_schedule(config)),
-      shardings, mesh, leading=0)
+      shardings, mesh, leading=int(k > 1))
   noise_batch = train.noise_batch_size(config)
-  data = train.global_batch(_synthetic_batch(batch, noise_batch, image_size),
-                            mesh)
+  one_batch = _synthetic_batch(batch, noise_batch, image_size)
+  data = train.global_batch(
+      jax.tree.map(lambda x: np.stack([x] * k), one_batch) if k > 1
+      else one_batch, mesh, int(k > 1))
   rng = jax.device_put(jax.random.key(0))
   t0 = time.perf_counter()
   # `jit_train_step` passes `unet.compiler_options()`; --noeigen_convs
@@ -317,18 +325,19 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
     box[0], metrics = compiled(box[0], data, rng)
     jax.block_until_ready((box[0], metrics))
 
-  wall, cpu = _time_calls(one_step, n)
-  # As the training loop runs: `n` steps dispatched back to back, one wait.
+  wall, cpu = (np.array(t) / k for t in _time_calls(one_step, n))
+  # As the training loop runs: `n` calls dispatched back to back, one wait.
   t0 = time.perf_counter()
   for _ in range(n):
     box[0], metrics = compiled(box[0], data, rng)
   jax.block_until_ready((box[0], metrics))
-  pipelined = (time.perf_counter() - t0) / n
+  pipelined = (time.perf_counter() - t0) / (n * k)
   rec = _record('train', image_size=image_size, batch=batch, wall=wall,
                 cpu=cpu, compile_s=compile_s,
                 flops=model_flops(_one_pass_step(config, model), state,
-                                  data, rng),
+                                  train.global_batch(one_batch, mesh), rng),
                 images_per_call=batch + noise_batch, noise_batch=noise_batch,
+                steps_per_dispatch=k,
                 compute_dtype=train.compute_dtype(config).name,
                 remat=bool(config.model.remat),
                 microbatches=config.training.microbatches,

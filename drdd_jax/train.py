@@ -295,24 +295,20 @@ def to_float(images):
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
-def accumulate_gradients(grad_fn, params, batch, microbatches: int,
-                         unroll: bool = False):
+def accumulate_gradients(grad_fn, params, batch, microbatches: int):
   """The mean of `grad_fn(params, *batch)` over `microbatches` slices of `batch`.
 
-  The slices run one after another, so only one slice's activations are alive
-  at a time. With per-example losses averaged over equal slices, the result
-  is `grad_fn(params, *batch)` up to summation order. Slice i holds rows i,
-  i + m, i + 2m, ...: a batch split over devices by rows keeps every device's
-  share of each slice on that device.
+  The slices run one after another in a `lax.scan`, so only one slice's
+  activations are alive at a time. With per-example losses averaged over
+  equal slices, the result is `grad_fn(params, *batch)` up to summation
+  order. Slice i holds rows i, i + m, i + 2m, ...: a batch split over devices
+  by rows keeps every device's share of each slice on that device.
 
   Args:
     grad_fn: `grad_fn(params, *batch) -> pytree` (e.g. `value_and_grad`'s).
     params: its first argument.
     batch: a tuple of pytrees whose leaves share a leading batch axis.
     microbatches: the number of slices; divides the batch axis.
-    unroll: straight-line code instead of a `lax.scan` (see
-      `make_train_step`), each slice's inputs made to `unet.wait_for` the
-      previous slices' sum, which keeps the slices apart in time.
   """
   if microbatches == 1:
     return grad_fn(params, *batch)
@@ -327,30 +323,21 @@ def accumulate_gradients(grad_fn, params, batch, microbatches: int,
   def add_slice(total, part):
     return jax.tree.map(jnp.add, total, grad_fn(params, *part)), None
 
-  if unroll:
-    for i in range(m):
-      part = jax.tree.map(lambda x, i=i: x[i], slices)
-      total, _ = add_slice(total, unet.wait_for(part, total) if i else part)
-  else:
-    total, _ = jax.lax.scan(add_slice, total, slices)
+  total, _ = jax.lax.scan(add_slice, total, slices)
   return jax.tree.map(lambda x: x / m, total)
 
 
-def make_train_step(config, model, sched, unroll: Optional[bool] = None):
+def make_train_step(config, model, sched):
   """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
   `batch` holds uint8 images (`data.create_train_iterator`'s layout); they
   are converted to [-1, 1] on the device. `steps_per_dispatch > 1` stacks that
-  many batches on a leading axis and runs the steps in turn; `microbatches >
-  1` accumulates the gradient over that many slices of each batch.
-
-  `unroll` (default: on CPU) runs both loops as straight-line code instead of
-  `lax.scan`: XLA:CPU runs weight-gradient convolutions inside loops ~30x
-  slower (aio5 at 128x128, batch 4, 2 microbatches: 884 s per step scanned,
-  19.3 s unrolled; docs/performance.md); elsewhere the scans compile once.
+  many batches on a leading axis and runs the steps in a `lax.scan`;
+  `microbatches > 1` accumulates the gradient over that many slices of each
+  batch (`accumulate_gradients`). Both loops compile their body once; on CPU
+  they run at the speed of straight-line code because `unet.conv` writes its
+  gradient in the layout XLA:CPU hands to Eigen inside loops too.
   """
-  if unroll is None:
-    unroll = jax.default_backend() == 'cpu'
   model_fn = lambda p, x, c, t, ph: model.apply({'params': p}, x, c, t, ph)
   loss_fn = losses.make_loss_fn(model_fn, sched, config.diffusion,
                                 shared=config.model.shared)
@@ -366,8 +353,7 @@ def make_train_step(config, model, sched, unroll: Optional[bool] = None):
     # Drawn for the whole batch: microbatches change the memory, not the maths.
     draws = draws_fn(images, rng)
     (loss, metrics), grads = accumulate_gradients(
-        grad_fn, state.params, (images, draws), config.training.microbatches,
-        unroll)
+        grad_fn, state.params, (images, draws), config.training.microbatches)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     state = apply_gradients(config, state, grads, grad_norm, ok)
@@ -377,16 +363,8 @@ def make_train_step(config, model, sched, unroll: Optional[bool] = None):
     return one_step
 
   def multi_step(state, batches, rng):
-    if unroll:
-      metrics = []
-      for i in range(config.training.steps_per_dispatch):
-        state, m = one_step(state, jax.tree.map(lambda x, i=i: x[i], batches),
-                            rng)
-        metrics.append(m)
-      metrics = jax.tree.map(lambda *m: jnp.stack(m), *metrics)
-    else:
-      state, metrics = jax.lax.scan(lambda s, b: one_step(s, b, rng), state,
-                                    batches)
+    state, metrics = jax.lax.scan(lambda s, b: one_step(s, b, rng), state,
+                                  batches)
     return state, jax.tree.map(jnp.mean, metrics)
 
   return multi_step

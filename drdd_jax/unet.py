@@ -25,9 +25,51 @@ _torch_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 Dtype = Any
 
 
-def _conv(features, kernel, dtype, use_bias=True, name=None):
-  return nn.Conv(features, (kernel, kernel), padding='SAME', use_bias=use_bias,
-                 dtype=dtype, kernel_init=_torch_init, name=name)
+def conv(x, w):
+  """'SAME' convolution, stride 1: [B, H, W, I] x [k, k, I, O] -> [B, H, W, O].
+
+  On CPU its gradient is written out as two convolutions in the dimension
+  order that XLA:CPU runs on Eigen. jax's own gradient convolutions use
+  other orders, which XLA:CPU rearranges only in a program's top level, so
+  inside a `lax.scan` (K train steps per dispatch, microbatches) they ran as
+  generic loops, ~30x slower (`benchmarks/xla_cpu_loops.py`). The gradient
+  is the same computation XLA does at the top level (tests/test_unet.py).
+  """
+  if w.shape[0] % 2 == 0 or w.shape[1] % 2 == 0:
+    raise ValueError(f'Odd kernel sizes only, got {w.shape[:2]}.')
+  if jax.default_backend() == 'cpu':
+    return _conv_eigen_gradients(x, w)
+  return _lax_conv(x, w)
+
+
+def _lax_conv(x, w, padding='SAME'):
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@jax.custom_vjp
+def _conv_eigen_gradients(x, w):
+  return _lax_conv(x, w)
+
+
+def _conv_fwd(x, w):
+  return _lax_conv(x, w), (x, w)
+
+
+def _conv_bwd(saved, g):
+  x, w = saved
+  kh, kw = w.shape[:2]
+  # dx: g convolved with the flipped kernel, its in/out channels swapped.
+  dx = _lax_conv(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+  # dw[a, b, i, o] = sum over n, h, w of x[n, h + a - kh//2, w + b - kw//2, i]
+  # * g[n, h, w, o]: x as [I, H, W, N] convolved with g as an [H, W, N, O]
+  # kernel gives dw as [I, kh, kw, O].
+  dw = _lax_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3),
+                 ((kh // 2, kh // 2), (kw // 2, kw // 2)))
+  return dx, dw.transpose(1, 2, 0, 3)
+
+
+_conv_eigen_gradients.defvjp(_conv_fwd, _conv_bwd)
 
 
 def sum_rows(*xs):
@@ -102,20 +144,33 @@ def recompute_in_backward(block: nn.Module, *args):
                        backward)(block, *args)
 
 
-class WSConv(nn.Module):
-  """3x3 convolution with weight standardization (per output channel)."""
+class Conv(nn.Module):
+  """k x k 'SAME' convolution (stride 1) with `nn.Conv`'s parameters."""
   features: int
+  kernel_size: int
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
+
+  def prepare_kernel(self, w):
+    return w
 
   @nn.compact
   def __call__(self, x):
-    w = self.param('kernel', _torch_init, (3, 3, x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    w = standardize_kernel(w)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), w.astype(self.dtype), (1, 1), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y + bias.astype(self.dtype)
+    k = self.kernel_size
+    w = self.param('kernel', _torch_init, (k, k, x.shape[-1], self.features))
+    y = conv(x.astype(self.dtype), self.prepare_kernel(w).astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros,
+                         (self.features,)).astype(self.dtype)
+    return y
+
+
+class WSConv(Conv):
+  """3x3 convolution with weight standardization (per output channel)."""
+  kernel_size: int = 3
+
+  def prepare_kernel(self, w):
+    return standardize_kernel(w)
 
 
 class GroupNorm(nn.Module):
@@ -169,20 +224,20 @@ class ResBlock(nn.Module):
     ss = nn.Dense(2 * self.features, dtype=self.dtype, kernel_init=_torch_init)(
         nn.silu(temb))
     scale, shift = jnp.split(ss[:, None, None, :], 2, axis=-1)
-    h = WSConv(self.features, self.dtype)(x)
+    h = WSConv(self.features, dtype=self.dtype)(x)
     h = GroupNorm(self.groups, 1e-5, self.dtype)(h)
     h = nn.silu(h * (scale + 1) + shift)
-    h = WSConv(self.features, self.dtype)(h)
+    h = WSConv(self.features, dtype=self.dtype)(h)
     h = nn.silu(GroupNorm(self.groups, 1e-5, self.dtype)(h))
     if x.shape[-1] != self.features:
-      x = _conv(self.features, 1, self.dtype)(x)
+      x = Conv(self.features, 1, self.dtype)(x)
     return h + x
 
 
 def _qkv(x, width, dtype):
   """Pre-normalized q, k, v of shape [B, H*W, width] (heads * head_dim)."""
   h = nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=dtype)(x)
-  qkv = _conv(3 * width, 1, dtype, use_bias=False)(h)
+  qkv = Conv(3 * width, 1, dtype, use_bias=False)(h)
   return jnp.split(qkv.reshape(x.shape[0], -1, 3 * width), 3, axis=-1)
 
 
@@ -219,7 +274,7 @@ class LinearAttention(nn.Module):
         head[:, None] == head[None, :])
     out = jnp.einsum('bnc,bce->bne', q.astype(self.dtype),
                      context.astype(self.dtype))
-    out = _conv(x.shape[-1], 1, self.dtype)(out.reshape(x.shape[:-1] + (-1,)))
+    out = Conv(x.shape[-1], 1, self.dtype)(out.reshape(x.shape[:-1] + (-1,)))
     return x + nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=self.dtype)(out)
 
 
@@ -236,7 +291,7 @@ class Attention(nn.Module):
         x, self.heads * self.head_dim, self.dtype))
     out = jax.nn.dot_product_attention(q, k, v)
     out = out.reshape(x.shape[:-1] + (-1,))
-    return x + _conv(x.shape[-1], 1, self.dtype)(out)
+    return x + Conv(x.shape[-1], 1, self.dtype)(out)
 
 
 def _pixel_unshuffle(x):
@@ -333,7 +388,7 @@ class UNet(nn.Module):
     dims = [base * mult for mult in self.channel_mults]
     in_out = list(zip([base] + dims[:-1], dims))
 
-    h = _conv(base, 7, dt)(h)
+    h = Conv(base, 7, dt)(h)
     stem = h
     skips = []
     for level, (d_in, d_out) in enumerate(in_out):
@@ -343,9 +398,9 @@ class UNet(nn.Module):
           h = lin_attn()(h)
         skips.append(h)
       if level < len(in_out) - 1:
-        h = _conv(d_out, 1, dt)(_pixel_unshuffle(h))
+        h = Conv(d_out, 1, dt)(_pixel_unshuffle(h))
       else:
-        h = _conv(d_out, 3, dt)(h)
+        h = Conv(d_out, 3, dt)(h)
 
     h = res(dims[-1])(h, temb)
     h = Attention(self.attn_heads, self.attn_head_dim, dt)(h)
@@ -357,10 +412,10 @@ class UNet(nn.Module):
       h = lin_attn()(h)
       if level > 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-      h = _conv(d_in, 3, dt)(h)
+      h = Conv(d_in, 3, dt)(h)
 
     h = res(base)(jnp.concatenate([h, stem], axis=-1), temb)
-    out = _conv(self.out_channels, 1, dt)(h).astype(jnp.float32)
+    out = Conv(self.out_channels, 1, dt)(h).astype(jnp.float32)
     return out[:, :height, :width]
 
 

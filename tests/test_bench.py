@@ -30,6 +30,7 @@ def test_quick_bench_on_tiny_config(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'drdd_jax.bench', '--config=configs/aio5.py:tiny',
        '--quick', '--steps=2', '--image_size=32', '--sample_sizes=32',
+       '--config.training.steps_per_dispatch=2',
        f'--json_out={out}', f'--profile_dir={tmp_path / "prof"}'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
       check=False)
@@ -50,6 +51,7 @@ def test_quick_bench_on_tiny_config(tmp_path):
   if host_memory.huge_pages_available() and 'GLIBC_TUNABLES' not in os.environ:
     assert all(r['glibc_tunables'] == 'glibc.malloc.hugetlb=1' for r in printed)
   assert tr['steps'] == 2 and tr['batch'] == 4 and tr['image_size'] == 32
+  assert tr['steps_per_dispatch'] == 2  # Times per step, 2 steps per call.
   assert 0 < tr['train_step_s_min'] <= tr['train_step_s_median']
   assert tr['train_step_s_median'] <= tr['train_step_s_max']
   assert tr['images_per_s'] == pytest.approx(8 / tr['train_step_s_median'])

@@ -126,8 +126,7 @@ def test_microbatches_match_one_pass(cache):
 
 @pytest.mark.slow
 def test_steps_per_dispatch_equal_single_steps(cache):
-  """K steps in one dispatch, unrolled (CPU's default) and scanned (GPU's and
-  TPU's), equal K single steps."""
+  """K steps in one dispatch (a `lax.scan`) equal K single steps."""
   config = tiny(cache)
   mesh = train.make_mesh(config.mesh, jax.devices()[:1])
   model, tx = train.create_model(config), train.make_optimizer(config)
@@ -139,39 +138,33 @@ def test_steps_per_dispatch_equal_single_steps(cache):
   stacked = jax.tree.map(lambda *x: np.stack(x), *batches)
   rng = jax.random.key(0)
   runs = []
-  for k, unroll, feed in ((1, None, batches), (2, True, [stacked]),
-                          (2, False, [stacked])):
+  for k, feed in ((1, batches), (2, [stacked])):
     config.training.steps_per_dispatch = k
     state, shardings = train.create_train_state(config, model, tx, mesh)
-    step = train.jit_train_step(
-        train.make_train_step(config, model, sched, unroll=unroll),
-        shardings, mesh, leading=int(k > 1))
+    step = train.jit_train_step(train.make_train_step(config, model, sched),
+                                shardings, mesh, leading=int(k > 1))
     for batch in feed:
       state, metrics = step(state, train.global_batch(batch, mesh, int(k > 1)),
                             rng)
     runs.append(jax.device_get(state))
+  single, multi = runs
+  assert int(multi.step) == 2
   close = lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
-  for run in runs[1:]:
-    assert int(run.step) == 2
-    jax.tree.map(close, run.params, runs[0].params)
-    jax.tree.map(close, run.ema_params, runs[0].ema_params)
+  jax.tree.map(close, multi.params, single.params)
+  jax.tree.map(close, multi.ema_params, single.ema_params)
 
 
-@pytest.mark.parametrize('unroll', [False, True])
-def test_accumulate_gradients_averages_over_slices(unroll):
+def test_accumulate_gradients_averages_over_slices():
   grad_fn = jax.value_and_grad(lambda w, x: jnp.mean((x * w) ** 2))
   x = jnp.arange(12.0)
   whole = grad_fn(2.0, x)
   for m in (1, 2, 3, 4):
     np.testing.assert_allclose(
-        train.accumulate_gradients(grad_fn, 2.0, (x,), m, unroll=unroll),
-        whole, rtol=1e-6)
+        train.accumulate_gradients(grad_fn, 2.0, (x,), m), whole, rtol=1e-6)
 
 
-def test_unrolled_slices_run_one_after_another():
-  """Unrolled, the second slice waits for the first's gradient (`wait_for`):
-  XLA keeps one slice's activations. Without it, 1.13x the one-pass step's
-  temporaries instead of 0.57x."""
+def test_slices_keep_one_slice_of_activations():
+  """Two slices, one after another: well under the one-pass temporaries."""
   def loss(w, x):
     for layer in w:
       x = jnp.tanh(x @ layer)
@@ -181,8 +174,7 @@ def test_unrolled_slices_run_one_after_another():
   w, x = jnp.full((6, 256, 256), 0.01), jnp.ones((64, 512, 256))
 
   def temporaries(m):
-    f = jax.jit(lambda w, x: train.accumulate_gradients(grad_fn, w, (x,), m,
-                                                        unroll=True))
+    f = jax.jit(lambda w, x: train.accumulate_gradients(grad_fn, w, (x,), m))
     return f.lower(w, x).compile().memory_analysis().temp_size_in_bytes
 
   assert temporaries(2) < 0.7 * temporaries(1)

@@ -1,4 +1,6 @@
 """UNet shapes, shared vs separate networks, and the phase embedding."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,6 +109,42 @@ def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
         dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
 
   check(conv.apply, reference, p, x)
+
+
+def _lax_conv(x, w):
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('k', [1, 3, 7])
+def test_conv_gradient_is_jaxs_and_stays_on_eigen_inside_loops(k):
+  """`unet.conv`'s own gradient equals jax's. Inside a `lax.scan`, XLA:CPU
+  compiles all of its convolutions in the layout it hands to Eigen, and
+  leaves some of jax's gradient convolutions in others (generic loops, 6-30x
+  slower). If that second assertion fails, XLA:CPU now rearranges loop
+  bodies too and `unet.conv` could use jax's gradient again."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 10, 5))
+  w = jax.random.normal(jax.random.key(1), (k, k, 5, 4))
+  r = jax.random.normal(jax.random.key(2), (2, 6, 10, 4))
+  loss = lambda conv: lambda x, w: jnp.sum(conv(x, w) * r)
+  np.testing.assert_allclose(unet.conv(x, w), _lax_conv(x, w), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+               jax.grad(loss(unet.conv), (0, 1))(x, w),
+               jax.grad(loss(_lax_conv), (0, 1))(x, w))
+
+  def layouts_in_a_loop(conv):
+    grad = jax.grad(loss(conv), (0, 1))
+
+    def step(total, x):
+      dx, dw = grad(x, w)
+      return total + dw, dx
+
+    f = lambda w, xs: jax.lax.scan(step, jnp.zeros_like(w), xs)
+    hlo = jax.jit(f).lower(w, jnp.stack([x, x])).compile().as_text()
+    return set(re.findall(r'convolution\(.*dim_labels=([^,\s]+)', hlo))
+
+  assert layouts_in_a_loop(unet.conv) == {'b01f_01io->b01f'}
+  assert layouts_in_a_loop(_lax_conv) - {'b01f_01io->b01f'}
 
 
 def test_linear_attention_equals_per_head_reference():

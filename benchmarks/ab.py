@@ -1,16 +1,21 @@
-"""A/B in one process: the aio5 train step and sampler with and without the
-split sums of `unet.sum_rows`.
+"""A/B in one process: the aio5 train step or sampler traced two ways.
 
-  python benchmarks/split_sums.py --what=train --calls=10
-  python benchmarks/split_sums.py --what=256 --calls=10
+  python benchmarks/ab.py --change=split_sums --what=train --calls=10
+  python benchmarks/ab.py --change=split_sums --what=256 --calls=10
+  python benchmarks/ab.py --change=conv_gradient --what=train --calls=8
 
-Compiles the program twice (once with `unet.sum_rows` replaced by plain
-`x.sum(axis=-2)` while tracing) and calls the two in turn, so that
-this machine's drift (±15 % between runs) hits both alike. `--what=train`: the
-train step at 64x64, 4 pairs + 4 noise targets; a number: the 2+2-step
-sampler on one image of that size. Run it as the package runs
-(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, see `drdd_jax/host_memory.py`) to
-compare like with like. docs/performance.md quotes it.
+Compiles the program twice, once with the change undone while tracing, and
+calls the two in turn, so that this machine's drift (±15 % between runs)
+hits both alike. `--what=train`: the train step at 64x64, 4 pairs + 4 noise
+targets; a number: the 2+2-step sampler on one image of that size. The
+changes:
+
+  split_sums     `unet.sum_rows` against plain `x.sum(axis=-2)`.
+  conv_gradient  `unet.conv`'s own gradient against jax's.
+
+Run it as the package runs (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, see
+`drdd_jax/host_memory.py`) to compare like with like. docs/performance.md
+quotes it.
 """
 import argparse
 import contextlib
@@ -24,23 +29,31 @@ import numpy as np
 
 from drdd_jax import bench, sampler, train, unet
 
-
-VARIANTS = ('plain sums', 'split sums')
+# Per change: the module attribute it replaces, the stand-in for the 'before'
+# variant, and the two variants' names.
+CHANGES = {
+    'split_sums': ('sum_rows',
+                   lambda *xs: tuple(x.sum(axis=-2) for x in xs),
+                   ('plain sums', 'split sums')),
+    'conv_gradient': ('_conv_eigen_gradients', unet._lax_conv,  # pylint: disable=protected-access
+                      ("jax's gradient", "unet.conv's gradient")),
+}
 
 
 @contextlib.contextmanager
-def traced_as(variant: str):
-  """`unet.sum_rows` as plain sums while tracing the 'plain sums' variant."""
-  saved = unet.sum_rows
-  if variant == 'plain sums':
-    unet.sum_rows = lambda *xs: tuple(x.sum(axis=-2) for x in xs)
+def traced_as(change: str, variant: str):
+  """`change` undone in `unet` while tracing its 'before' variant."""
+  name, before, variants = CHANGES[change]
+  saved = getattr(unet, name)
+  if variant == variants[0]:
+    setattr(unet, name, before)
   try:
     yield
   finally:
-    unet.sum_rows = saved
+    setattr(unet, name, saved)
 
 
-def train_calls(config):
+def train_calls(config, change):
   with config.unlocked():
     config.training.batch_size = 4
     config.training.steps_per_dispatch = 1
@@ -50,12 +63,12 @@ def train_calls(config):
       bench._synthetic_batch(4, train.noise_batch_size(config), 64), mesh)  # pylint: disable=protected-access
   rng = jax.device_put(jax.random.key(0))
   calls = {}
-  for name in VARIANTS:
+  for name in CHANGES[change][2]:
     state, shardings = train.create_train_state(config, model, tx, mesh)
     step = train.jit_train_step(
         train.make_train_step(config, model, train.make_schedule(config)),
         shardings, mesh, leading=0)
-    with traced_as(name):
+    with traced_as(change, name):
       compiled = step.lower(state, data, rng).compile(unet.compiler_options())
     box = [state]
 
@@ -67,17 +80,17 @@ def train_calls(config):
   return calls
 
 
-def sample_calls(config, size: int):
+def sample_calls(config, change, size: int):
   model = train.create_model(config)
   params = jax.jit(lambda r: unet.init_params(model, r))(jax.random.key(0))
   y = jax.random.uniform(jax.random.key(1), (1, size, size, 3), jnp.float32,
                          -1.0, 1.0)
   rng = jax.random.key(2)
   calls = {}
-  for name in VARIANTS:
+  for name in CHANGES[change][2]:
     sample = sampler.make_sampler(model, train.make_schedule(config),
                                   config.diffusion, config.sampling)
-    with traced_as(name):
+    with traced_as(change, name):
       compiled = sample.lower(params, y, rng).compile()
     calls[name] = (
         lambda compiled=compiled: jax.block_until_ready(
@@ -87,6 +100,7 @@ def sample_calls(config, size: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--change', required=True, choices=sorted(CHANGES))
   parser.add_argument('--what', default='train',
                       help="'train' or an image size for the sampler")
   parser.add_argument('--calls', type=int, default=10)
@@ -96,8 +110,8 @@ def main():
   aio5 = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(aio5)
   config = aio5.get_config()
-  calls = (train_calls(config) if args.what == 'train'
-           else sample_calls(config, int(args.what)))
+  calls = (train_calls(config, args.change) if args.what == 'train'
+           else sample_calls(config, args.change, int(args.what)))
   wall = {name: [] for name in calls}
   cpu = {name: [] for name in calls}
   for call in calls.values():  # warm-up
