@@ -68,6 +68,11 @@ def test_bad_model_config_names_the_field(tiny):
     unet.create_model(tiny.model)
 
 
+def _lax_conv(x, w):
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
 @pytest.mark.parametrize('pixels,in_channels', [((6, 10), 16), ((64, 64), 512)])
 def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
   """GroupNorm and WSConv are written for XLA:CPU: the reference maths,
@@ -104,16 +109,9 @@ def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
   def reference(p, x):
     w, bias = p['params']['kernel'], p['params']['bias']
     w_std = (w - w.mean((0, 1, 2))) / jnp.sqrt(w.var((0, 1, 2)) + 1e-5)
-    return jax.lax.conv_general_dilated(
-        x, w_std, (1, 1), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+    return _lax_conv(x, w_std) + bias
 
   check(conv.apply, reference, p, x)
-
-
-def _lax_conv(x, w):
-  return jax.lax.conv_general_dilated(
-      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 @pytest.mark.parametrize('k', [1, 3, 7])
