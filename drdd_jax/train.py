@@ -186,7 +186,7 @@ def apply_gradients(config, state: TrainState, grads, grad_norm,
   `where` over the whole state, the donated moments were read by several
   fusions while being overwritten, and XLA:CPU copied them first: 0.29 s
   against 0.15 s per step for aio5's 35.7 M parameters (docs/performance.md).
-  Equal to optax's result (tests/test_train.py).
+  Equal to optax's result (tests/test_train_step.py).
 
   Args:
     config: the config (its `optim` group).

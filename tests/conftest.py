@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices (set before jax is imported) and helpers.
+"""Test set-up: 8 fake CPU devices (set before jax is imported) and helpers:
+`tiny_config` and the module-scoped `cache` fixture for tiny training runs.
 
 A persistent compilation cache shared by the whole session lets tests that
 build the same programs (every tiny-config run compiles the same train step
@@ -7,6 +8,8 @@ and sampler) compile them once.
 import os
 import sys
 import tempfile
+
+import pytest
 
 # Tests run a few steps of small programs, so they are compile-bound: XLA's
 # backend optimizations cost more compile time than they save, and XLA:CPU's
@@ -30,3 +33,25 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_config(cache_dir, **overrides):
+  """The tiny config with its dataset under `cache_dir`, no final evaluation,
+  and `overrides` ({'training.num_steps': 4, ...}) applied."""
+  import configs.aio5 as aio5  # pylint: disable=g-import-not-at-top
+  config = aio5.get_config('tiny')
+  config.data.cache_dir = str(cache_dir)
+  config.eval.at_end = False
+  for key, value in overrides.items():
+    *path, leaf = key.split('.')
+    node = config
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  """A dataset cache directory shared by a test module's tiny runs."""
+  return tmp_path_factory.mktemp('cache')

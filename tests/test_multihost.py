@@ -15,20 +15,11 @@ import pytest
 
 import conftest
 
-import configs.aio5 as aio5
 from drdd_jax import checkpoints
 from drdd_jax import data as data_lib
 from drdd_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(cache, num_steps):
-  config = aio5.get_config('tiny')
-  config.data.cache_dir = str(cache)
-  config.training.num_steps = num_steps
-  config.eval.at_end = False
-  return config
 
 
 def _launch(workdir, cache, num_steps):
@@ -81,17 +72,12 @@ def _reference(config, num_steps):
   return params
 
 
-@pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp('cache')
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_identically(tmp_path, cache):
   workdir = str(tmp_path / 'run')
   log = _launch(workdir, cache, 2)
   assert '[0] ' in log and '[1] ' in log
-  config = _config(cache, 3)
+  config = conftest.tiny_config(cache, **{'training.num_steps': 3})
   step, params = _params(config, workdir)
   reference = _reference(config, 3)
   assert step == 2
