@@ -42,12 +42,7 @@ def tiny_config(cache_dir, **overrides):
   config = aio5.get_config('tiny')
   config.data.cache_dir = str(cache_dir)
   config.eval.at_end = False
-  for key, value in overrides.items():
-    *path, leaf = key.split('.')
-    node = config
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
