@@ -9,7 +9,6 @@ that axis has more than one device.
 import functools
 import math
 import signal
-import time
 from typing import Any, Optional
 
 from absl import logging
