@@ -12,6 +12,11 @@ changes:
 
   split_sums     `unet.sum_rows` against plain `x.sum(axis=-2)`.
   conv_gradient  `unet.conv`'s own gradient against jax's.
+  upsample_conv  `unet.upsample_conv` against `jnp.repeat` twice and a 3x3
+                 convolution.
+  fold_bias      `unet.GroupNorm` folding the convolution's bias and the
+                 time embedding's FiLM into its factors, against adding them
+                 as separate elementwise ops.
 
 Run it as the package runs (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, see
 `drdd_jax/host_memory.py`) to compare like with like. docs/performance.md
@@ -22,16 +27,45 @@ import contextlib
 import importlib.util
 import os
 import time
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from drdd_jax import bench, sampler, train, unet
 
+
+class GroupNorm(nn.Module):
+  """`unet.GroupNorm` before the fold: `x + shift` and FiLM as separate ops."""
+  num_groups: int
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, shift=None, film=None):
+    if shift is not None:
+      x = x + shift.astype(x.dtype)
+    c = x.shape[-1]
+    mul, add = unet.group_norm_factors(
+        x, self.param('scale', nn.initializers.ones, (c,)),
+        self.param('bias', nn.initializers.zeros, (c,)), self.num_groups,
+        self.epsilon)
+    mul, add = jax.lax.optimization_barrier((mul, add))
+    y = (x * mul + add).astype(self.dtype)
+    return y if film is None else y * (film[0] + 1) + film[1]
+
+
 # Per change: the module attribute it replaces, the stand-in for the 'before'
 # variant, and the two variants' names.
 CHANGES = {
+    'fold_bias': ('GroupNorm', GroupNorm,
+                  ('bias and FiLM apart', 'bias and FiLM folded')),
+    'upsample_conv': ('upsample_conv',
+                      lambda x, w: unet.conv(jnp.repeat(jnp.repeat(
+                          x, 2, axis=1), 2, axis=2), w.astype(x.dtype)),
+                      ('upsampled, then 3x3', 'four 2x2 phases')),
     'split_sums': ('sum_rows',
                    lambda *xs: tuple(x.sum(axis=-2) for x in xs),
                    ('plain sums', 'split sums')),

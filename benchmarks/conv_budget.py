@@ -8,7 +8,8 @@ step at 64x64 runs it once on 4 pairs + 4 noise targets: batch 8), collects
 its `conv_general_dilated`s, and times each distinct one compiled alone
 (with `unet.compiler_options()`, as training does, unless `--library` names
 another convolution library): forward, and (unless `--forward_only`) forward
-plus the gradients the step needs (kernel only for the first layer, whose
+plus the gradients the step needs, with `unet.conv`'s gradient as the network
+computes them (kernel only for the first layer, whose
 input is data). The sum over the network is what the convolutions alone
 cost at XLA:CPU's speed for their shapes; the step cannot be faster than
 that, nor reach a larger fraction of the calibration convolution than their
@@ -79,9 +80,8 @@ def main():
     x = jax.random.normal(jax.random.key(0), lhs)
     w = jax.random.normal(jax.random.key(1), rhs) * 0.03
 
-    def conv(a, b, padding=padding):
-      return jax.lax.conv_general_dilated(
-          a, b, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    def conv(a, b, padding=padding):  # the network's, with its gradient
+      return unet.conv(a, b, padding)
 
     out = jax.eval_shape(conv, x, w)
     flops = 2.0 * np.prod(out.shape) * np.prod(rhs[:-1])

@@ -25,51 +25,97 @@ _torch_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 Dtype = Any
 
 
-def conv(x, w):
-  """'SAME' convolution, stride 1: [B, H, W, I] x [k, k, I, O] -> [B, H, W, O].
+def conv(x, w, padding=None):
+  """Stride-1 convolution: [B, H, W, I] x [kh, kw, I, O] -> [B, H', W', O].
 
-  On CPU its gradient is written out as two convolutions in the dimension
-  order that XLA:CPU runs on Eigen. jax's own gradient convolutions use
-  other orders, which XLA:CPU rearranges only in a program's top level, so
-  inside a `lax.scan` (K train steps per dispatch, microbatches) they ran as
-  generic loops, ~30x slower (`benchmarks/xla_cpu_loops.py`). The gradient
-  is the same computation XLA does at the top level (tests/test_unet.py).
+  `padding` is `((top, bottom), (left, right))` zeros, by default 'SAME'
+  (odd kernels). On CPU its gradient is written out as two convolutions in
+  the dimension order that XLA:CPU runs on Eigen. jax's own gradient
+  convolutions use other orders, which XLA:CPU rearranges only in a
+  program's top level, so inside a `lax.scan` (K train steps per dispatch,
+  microbatches) they ran as generic loops, ~30x slower
+  (`benchmarks/xla_cpu_loops.py`), and so did an even kernel's even at the
+  top level. The gradient is the same computation (tests/test_unet.py).
   """
-  if w.shape[0] % 2 == 0 or w.shape[1] % 2 == 0:
-    raise ValueError(f'Odd kernel sizes only, got {w.shape[:2]}.')
+  kh, kw = w.shape[:2]
+  if padding is None:
+    if kh % 2 == 0 or kw % 2 == 0:
+      raise ValueError(f"'SAME' needs odd kernel sizes, got {(kh, kw)}.")
+    padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+  padding = tuple(tuple(p) for p in padding)
   if jax.default_backend() == 'cpu':
-    return _conv_eigen_gradients(x, w)
-  return _lax_conv(x, w)
+    return _conv_eigen_gradients(x, w, padding)
+  return _lax_conv(x, w, padding)
 
 
-def _lax_conv(x, w, padding='SAME'):
+def _lax_conv(x, w, padding):
   return jax.lax.conv_general_dilated(
       x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-@jax.custom_vjp
-def _conv_eigen_gradients(x, w):
-  return _lax_conv(x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_eigen_gradients(x, w, padding):
+  return _lax_conv(x, w, padding)
 
 
-def _conv_fwd(x, w):
-  return _lax_conv(x, w), (x, w)
+def _conv_fwd(x, w, padding):
+  return _lax_conv(x, w, padding), (x, w)
 
 
-def _conv_bwd(saved, g):
+def _conv_bwd(padding, saved, g):
   x, w = saved
   kh, kw = w.shape[:2]
+  (top, bottom), (left, right) = padding
   # dx: g convolved with the flipped kernel, its in/out channels swapped.
-  dx = _lax_conv(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
-  # dw[a, b, i, o] = sum over n, h, w of x[n, h + a - kh//2, w + b - kw//2, i]
-  # * g[n, h, w, o]: x as [I, H, W, N] convolved with g as an [H, W, N, O]
-  # kernel gives dw as [I, kh, kw, O].
+  dx = _lax_conv(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2),
+                 ((kh - 1 - top, kh - 1 - bottom),
+                  (kw - 1 - left, kw - 1 - right)))
+  # dw[a, b, i, o] = sum over n, h, w of x[n, h + a - top, w + b - left, i]
+  # * g[n, h, w, o]: x padded, as [I, H, W, N], convolved with g as an
+  # [H', W', N, O] kernel gives dw as [I, kh, kw, O]. With the padding in
+  # the convolution instead, XLA:CPU rewrote it into another dimension
+  # order for a 2x2 kernel (50x slower) and ran it 3x slower at batch 1.
+  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   dw = _lax_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3),
-                 ((kh // 2, kh // 2), (kw // 2, kw // 2)))
+                 ((0, 0), (0, 0)))
   return dx, dw.transpose(1, 2, 0, 3)
 
 
 _conv_eigen_gradients.defvjp(_conv_fwd, _conv_bwd)
+
+# Row p of _PHASE_TAPS[a] sums the 3x3 kernel's rows that read input row
+# i - 1 + a + p for output row 2i + a of a nearest-neighbour 2x upsampling.
+_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
+                        [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+def upsample_conv(x, w):
+  """`conv(x upsampled 2x by nearest neighbour, w)` for a 3x3 kernel `w`.
+
+  Computed at the input's resolution: output pixel (2i + a, 2j + b) sees
+  only input rows i - 1 + a, i + a and columns j - 1 + b, j + b, so each of
+  the four phases (a, b) is a 2x2 convolution with the 3x3 kernel's taps
+  summed (`_PHASE_TAPS`), all four in one convolution with 4x the output
+  channels, then interleaved. The same function in 4/9 of the FLOPs,
+  without the 4x upsampled input.
+
+  Args:
+    x: [B, H, W, I].
+    w: [3, 3, I, O] (float32; the phase kernels are cast to `x.dtype`).
+
+  Returns:
+    [B, 2H, 2W, O].
+  """
+  b, h, wd, _ = x.shape
+  out = w.shape[-1]
+  taps = jnp.einsum('apr,bqs,rsio->pqiabo', _PHASE_TAPS, _PHASE_TAPS, w)
+  y = conv(x, taps.reshape(2, 2, -1, 4 * out).astype(x.dtype),
+           ((1, 1), (1, 1)))
+  y = y.reshape(b, h + 1, wd + 1, 2, 2, out)
+  # Phase (a, b) at input pixel (i, j) is y[i + a, j + b, a, b].
+  rows = [jnp.stack([y[:, a:a + h, c:c + wd, a, c] for c in (0, 1)], axis=3)
+          for a in (0, 1)]
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * wd, out)
 
 
 def sum_rows(*xs):
@@ -145,24 +191,37 @@ def recompute_in_backward(block: nn.Module, *args):
 
 
 class Conv(nn.Module):
-  """k x k 'SAME' convolution (stride 1) with `nn.Conv`'s parameters."""
+  """k x k 'SAME' convolution (stride 1) with `nn.Conv`'s parameters.
+
+  With `upsample`, the convolution of the input upsampled 2x by nearest
+  neighbour (3x3 kernels; `upsample_conv`).
+  """
   features: int
   kernel_size: int
   dtype: Dtype = jnp.float32
   use_bias: bool = True
+  upsample: bool = False
 
   def prepare_kernel(self, w):
     return w
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, add_bias: bool = True):
+    """The convolution; with `add_bias=False`, `(y, bias)` unsummed.
+
+    A following `GroupNorm` takes the bias as its `shift` and folds it into
+    its per-channel factors, so that `y + bias` is never materialized.
+    """
     k = self.kernel_size
     w = self.param('kernel', _torch_init, (k, k, x.shape[-1], self.features))
-    y = conv(x.astype(self.dtype), self.prepare_kernel(w).astype(self.dtype))
-    if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros,
-                         (self.features,)).astype(self.dtype)
-    return y
+    w = self.prepare_kernel(w)
+    x = x.astype(self.dtype)
+    y = (upsample_conv(x, w) if self.upsample
+         else conv(x, w.astype(self.dtype)))
+    if not self.use_bias:
+      return y
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    return y + bias.astype(self.dtype) if add_bias else (y, bias)
 
 
 class WSConv(Conv):
@@ -173,39 +232,76 @@ class WSConv(Conv):
     return standardize_kernel(w)
 
 
+def group_norm_factors(x, scale, bias, num_groups: int, epsilon: float,
+                       shift=None):
+  """`mul`, `add` [b, 1, 1, c] with `x * mul + add == GroupNorm(x + shift)`.
+
+  `nn.GroupNorm`'s maths (variance E[v^2] - E[v]^2 clipped at 0) for
+  `v = x + shift`, `shift` a per-channel [c] vector (a convolution's bias),
+  or 0: the statistics of `v` come from the per-channel sums of `x`
+  (`sum_rows`), then the sums over each group's channels.
+  """
+  b, c = x.shape[0], x.shape[-1]
+  per_group = c // num_groups
+  xf = x.astype(jnp.float32).reshape(b, -1, c)
+  n = xf.shape[1]
+  sums, square_sums = sum_rows(xf, jnp.square(xf))
+  if shift is not None:
+    shift = shift.astype(jnp.float32)
+    square_sums = square_sums + (2 * sums + n * shift) * shift
+    sums = sums + n * shift
+
+  def group_mean(v):  # [b, c] -> [b, groups, 1]
+    return v.reshape(b, num_groups, per_group).sum(-1, keepdims=True) / (
+        n * per_group)
+
+  def per_channel(v):  # [b, groups, 1] -> [b, 1, 1, c]
+    return jnp.broadcast_to(v, (b, num_groups, per_group)).reshape(b, 1, 1, c)
+
+  mean = group_mean(sums)
+  var = jnp.maximum(0.0, group_mean(square_sums) - jnp.square(mean))
+  mul = per_channel(jax.lax.rsqrt(var + epsilon)) * scale
+  add = bias - per_channel(mean) * mul
+  if shift is not None:
+    add = add + shift * mul
+  return mul, add
+
+
 class GroupNorm(nn.Module):
   """`nn.GroupNorm` (same parameters and maths), in a form XLA:CPU runs faster.
 
-  Per-channel sums over the pixels (`sum_rows`), then over each group's
-  channels, and the normalization as one `x * mul + add` with per-(example,
-  channel) `mul` and `add`: on XLA:CPU, 1.5-4.7x faster than `nn.GroupNorm`
-  forward at the network's shapes in two runs of benchmarks/layers.py. The
-  variance is E[x^2] - E[x]^2 clipped at 0, as `nn.GroupNorm` computes it.
+  Per-channel sums over the pixels, then over each group's channels, and the
+  normalization as one `x * mul + add` (`group_norm_factors`): on XLA:CPU,
+  1.5-4.7x faster than `nn.GroupNorm` forward at the network's shapes in two
+  runs of benchmarks/layers.py. The preceding convolution's bias (`shift`)
+  and the time embedding's scale and shift (`film`) fold into `mul` and
+  `add`: no full-size `x + shift`, and in the backward pass no sum of the
+  gradient over the pixels for the bias apart from the normalization's own.
   """
   num_groups: int
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    b, c = x.shape[0], x.shape[-1]
+  def __call__(self, x, shift=None, film=None):
+    """`GroupNorm(x + shift) * (1 + film[0]) + film[1]`.
+
+    Args:
+      x: [b, h, w, c].
+      shift: optional [c], added to `x` before the normalization.
+      film: optional `(scale, shift)`, each [b, 1, 1, c], applied after it.
+
+    Returns:
+      An array like `x`, in `dtype`.
+    """
+    c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,))
     bias = self.param('bias', nn.initializers.zeros, (c,))
-    groups, per_group = self.num_groups, c // self.num_groups
-    xf = x.astype(jnp.float32).reshape(b, -1, c)
-    count = xf.shape[1] * per_group
-
-    def group_mean(v):  # [b, c] -> [b, groups, 1]
-      return v.reshape(b, groups, per_group).sum(-1, keepdims=True) / count
-
-    def per_channel(v):  # [b, groups, 1] -> [b, 1, 1, c]
-      return jnp.broadcast_to(v, (b, groups, per_group)).reshape(b, 1, 1, c)
-
-    sums, square_sums = sum_rows(xf, jnp.square(xf))
-    mean = group_mean(sums)
-    var = jnp.maximum(0.0, group_mean(square_sums) - jnp.square(mean))
-    mul = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
-    add = bias - per_channel(mean) * mul
+    mul, add = group_norm_factors(x, scale, bias, self.num_groups,
+                                  self.epsilon, shift)
+    if film is not None:
+      film_scale, film_shift = (v.astype(jnp.float32) for v in film)
+      mul, add = mul * (film_scale + 1), add * (film_scale + 1) + film_shift
     # Materialize the [b, 1, 1, c] factors: fused into the elementwise loop,
     # their group->channel broadcast is recomputed per pixel (1.6x slower
     # in isolation).
@@ -223,12 +319,11 @@ class ResBlock(nn.Module):
   def __call__(self, x, temb):
     ss = nn.Dense(2 * self.features, dtype=self.dtype, kernel_init=_torch_init)(
         nn.silu(temb))
-    scale, shift = jnp.split(ss[:, None, None, :], 2, axis=-1)
-    h = WSConv(self.features, dtype=self.dtype)(x)
-    h = GroupNorm(self.groups, 1e-5, self.dtype)(h)
-    h = nn.silu(h * (scale + 1) + shift)
-    h = WSConv(self.features, dtype=self.dtype)(h)
-    h = nn.silu(GroupNorm(self.groups, 1e-5, self.dtype)(h))
+    film = jnp.split(ss[:, None, None, :], 2, axis=-1)
+    h, bias = WSConv(self.features, dtype=self.dtype)(x, add_bias=False)
+    h = nn.silu(GroupNorm(self.groups, 1e-5, self.dtype)(h, bias, film))
+    h, bias = WSConv(self.features, dtype=self.dtype)(h, add_bias=False)
+    h = nn.silu(GroupNorm(self.groups, 1e-5, self.dtype)(h, bias))
     if x.shape[-1] != self.features:
       x = Conv(self.features, 1, self.dtype)(x)
     return h + x
@@ -410,9 +505,7 @@ class UNet(nn.Module):
       for i in range(self.num_res_blocks):
         h = res(d_out)(jnp.concatenate([h, skips.pop()], axis=-1), temb)
       h = lin_attn()(h)
-      if level > 0:
-        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-      h = Conv(d_in, 3, dt)(h)
+      h = Conv(d_in, 3, dt, upsample=level > 0)(h)
 
     h = res(base)(jnp.concatenate([h, stem], axis=-1), temb)
     out = Conv(self.out_channels, 1, dt)(h).astype(jnp.float32)

@@ -138,7 +138,9 @@ def test_trace_by_scope_names_every_traced_op(tmp_path):
 @pytest.mark.parametrize('remat', [False, True])  # True: inside custom_vjp
 def test_conv_budget_finds_every_convolution(remat):
   """benchmarks/conv_budget.py: one convolution per 4-D kernel, at the
-  shapes of the pass (the stem and the downsampling levels checked)."""
+  shapes of the pass (the stem, the downsampling levels and the upsampling
+  convolution checked). An upsampling 3x3 kernel runs as one 2x2
+  convolution with 4x the outputs (`unet.upsample_conv`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import configs.aio5 as aio5  # pylint: disable=g-import-not-at-top
   from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
@@ -152,8 +154,12 @@ def test_conv_budget_finds_every_convolution(remat):
                           jax.random.key(0))
   kernels = [k.shape for k in jax.tree.leaves(params) if k.ndim == 4]
   assert sum(convs.values()) == len(kernels)
-  found = [rhs for (_, rhs, _), n in convs.items() for _ in range(n)]
+  as_param = lambda k: (3, 3, k[2], k[3] // 4) if k[0] == 2 else k
+  found = [as_param(rhs) for (_, rhs, _), n in convs.items()
+           for _ in range(n)]
   assert sorted(found) == sorted(kernels)
   base = config.model.base_channels
   assert ((2, 16, 16, 6), (7, 7, 6, base), ((3, 3), (3, 3))) in convs
+  assert ((2, 8, 8, 2 * base), (2, 2, 2 * base, 4 * base),
+          ((1, 1), (1, 1))) in convs
   assert {lhs[1] for lhs, _, _ in convs} == {16, 8}

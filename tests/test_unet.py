@@ -1,4 +1,5 @@
 """UNet shapes, shared vs separate networks, and the phase embedding."""
+import functools
 import re
 
 import jax
@@ -68,9 +69,9 @@ def test_bad_model_config_names_the_field(tiny):
     unet.create_model(tiny.model)
 
 
-def _lax_conv(x, w):
+def _lax_conv(x, w, padding='SAME'):
   return jax.lax.conv_general_dilated(
-      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 @pytest.mark.parametrize('pixels,in_channels', [((6, 10), 16), ((64, 64), 512)])
@@ -100,6 +101,12 @@ def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
   p = jax.tree.map(lambda v: v + jax.random.normal(rng, v.shape), p)
   assert jax.tree.structure(ours.init(rng, x)) == jax.tree.structure(p)
   check(ours.apply, ref.apply, p, x)
+  # The convolution's bias and the time embedding's FiLM folded in.
+  shift = jax.random.normal(jax.random.key(2), (16,)) * 2
+  film = jax.random.normal(jax.random.key(3), (2, 2, 1, 1, 16))
+  check(lambda p, x, shift, film: ours.apply(p, x, shift, film),
+        lambda p, x, shift, film: ref.apply(p, x + shift) * (film[0] + 1)
+        + film[1], p, x, shift, film)
 
   x = jnp.tile(x, (1, 1, 1, in_channels // 16))
   conv = unet.WSConv(8)
@@ -114,21 +121,25 @@ def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
   check(conv.apply, reference, p, x)
 
 
-@pytest.mark.parametrize('k', [1, 3, 7])
-def test_conv_gradient_is_jaxs_and_stays_on_eigen_inside_loops(k):
+@pytest.mark.parametrize('k,padding', [(1, None), (3, None), (7, None),
+                                       (2, ((1, 1), (1, 1)))])
+def test_conv_gradient_is_jaxs_and_stays_on_eigen_inside_loops(k, padding):
   """`unet.conv`'s own gradient equals jax's. Inside a `lax.scan`, XLA:CPU
   compiles all of its convolutions in the layout it hands to Eigen, and
   leaves some of jax's gradient convolutions in others (generic loops, 6-30x
   slower). If that second assertion fails, XLA:CPU now rearranges loop
-  bodies too and `unet.conv` could use jax's gradient again."""
+  bodies too and `unet.conv` could use jax's gradient again. The 2x2
+  kernel is `upsample_conv`'s."""
   x = jax.random.normal(jax.random.key(0), (2, 6, 10, 5))
   w = jax.random.normal(jax.random.key(1), (k, k, 5, 4))
-  r = jax.random.normal(jax.random.key(2), (2, 6, 10, 4))
+  lax_conv = functools.partial(_lax_conv, padding=padding or 'SAME')
+  r = jax.random.normal(jax.random.key(2), lax_conv(x, w).shape)
   loss = lambda conv: lambda x, w: jnp.sum(conv(x, w) * r)
-  np.testing.assert_allclose(unet.conv(x, w), _lax_conv(x, w), rtol=1e-6)
+  unet_conv = functools.partial(unet.conv, padding=padding)
+  np.testing.assert_allclose(unet_conv(x, w), lax_conv(x, w), rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
-               jax.grad(loss(unet.conv), (0, 1))(x, w),
-               jax.grad(loss(_lax_conv), (0, 1))(x, w))
+               jax.grad(loss(unet_conv), (0, 1))(x, w),
+               jax.grad(loss(lax_conv), (0, 1))(x, w))
 
   def layouts_in_a_loop(conv):
     grad = jax.grad(loss(conv), (0, 1))
@@ -141,8 +152,23 @@ def test_conv_gradient_is_jaxs_and_stays_on_eigen_inside_loops(k):
     hlo = jax.jit(f).lower(w, jnp.stack([x, x])).compile().as_text()
     return set(re.findall(r'convolution\(.*dim_labels=([^,\s]+)', hlo))
 
-  assert layouts_in_a_loop(unet.conv) == {'b01f_01io->b01f'}
-  assert layouts_in_a_loop(_lax_conv) - {'b01f_01io->b01f'}
+  assert layouts_in_a_loop(unet_conv) == {'b01f_01io->b01f'}
+  assert layouts_in_a_loop(lax_conv) - {'b01f_01io->b01f'}
+
+
+def test_upsample_conv_is_the_convolution_of_the_upsampled_input():
+  """Values and gradients, against upsampling by `jnp.repeat` first."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 6))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 6, 4))
+  r = jax.random.normal(jax.random.key(2), (2, 6, 10, 4))
+  reference = lambda x, w: _lax_conv(
+      jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), w)
+  np.testing.assert_allclose(unet.upsample_conv(x, w), reference(x, w),
+                             atol=1e-5)
+  loss = lambda conv: lambda x, w: jnp.sum(conv(x, w) * r)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+               jax.grad(loss(unet.upsample_conv), (0, 1))(x, w),
+               jax.grad(loss(reference), (0, 1))(x, w))
 
 
 def test_linear_attention_equals_per_head_reference():
