@@ -72,12 +72,16 @@ def _conv_bwd(padding, saved, g):
                   (kw - 1 - left, kw - 1 - right)))
   # dw[a, b, i, o] = sum over n, h, w of x[n, h + a - top, w + b - left, i]
   # * g[n, h, w, o]: x padded, as [I, H, W, N], convolved with g as an
-  # [H', W', N, O] kernel gives dw as [I, kh, kw, O]. With the padding in
-  # the convolution instead, XLA:CPU rewrote it into another dimension
-  # order for a 2x2 kernel (50x slower) and ran it 3x slower at batch 1.
-  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  dw = _lax_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3),
-                 ((0, 0), (0, 0)))
+  # [H', W', N, O] kernel gives dw as [I, kh, kw, O]. XLA:CPU rewrote that
+  # convolution into another dimension order (generic loops) for a 2x2
+  # kernel (50x slower) and ran it 3x slower at batch 1, unless x was padded
+  # first; for odd kernels at larger batches the padded copy of x is left
+  # out (it added 8 % to the aio5 train step's temporaries).
+  same_odd = kh % 2 and kw % 2 and padding == ((kh // 2,) * 2, (kw // 2,) * 2)
+  if x.shape[0] == 1 or not same_odd:
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    padding = ((0, 0), (0, 0))
+  dw = _lax_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), padding)
   return dx, dw.transpose(1, 2, 0, 3)
 
 
