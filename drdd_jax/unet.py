@@ -34,8 +34,9 @@ def conv(x, w, padding=None):
   convolutions use other orders, which XLA:CPU rearranges only in a
   program's top level, so inside a `lax.scan` (K train steps per dispatch,
   microbatches) they ran as generic loops, ~30x slower
-  (`benchmarks/xla_cpu_loops.py`), and so did an even kernel's even at the
-  top level. The gradient is the same computation (tests/test_unet.py).
+  (`benchmarks/xla_cpu_loops.py`); so did an even kernel's weight gradient
+  at the top level. The gradient is the same computation
+  (tests/test_unet.py).
   """
   kh, kw = w.shape[:2]
   if padding is None:
