@@ -121,16 +121,19 @@ def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
   check(conv.apply, reference, p, x)
 
 
-@pytest.mark.parametrize('k,padding', [(1, None), (3, None), (7, None),
-                                       (2, ((1, 1), (1, 1)))])
-def test_conv_gradient_is_jaxs_and_stays_on_eigen_inside_loops(k, padding):
+@pytest.mark.parametrize('k,padding,batch', [
+    (1, None, 2), (3, None, 2), (7, None, 2), (3, None, 1),
+    (2, ((1, 1), (1, 1)), 2)])
+def test_conv_gradient_is_jaxs_and_stays_on_eigen_inside_loops(
+    k, padding, batch):
   """`unet.conv`'s own gradient equals jax's. Inside a `lax.scan`, XLA:CPU
   compiles all of its convolutions in the layout it hands to Eigen, and
   leaves some of jax's gradient convolutions in others (generic loops, 6-30x
   slower). If that second assertion fails, XLA:CPU now rearranges loop
   bodies too and `unet.conv` could use jax's gradient again. The 2x2
-  kernel is `upsample_conv`'s."""
-  x = jax.random.normal(jax.random.key(0), (2, 6, 10, 5))
+  kernel is `upsample_conv`'s; batch 1 and the 2x2 kernel take the weight
+  gradient with the input padded first."""
+  x = jax.random.normal(jax.random.key(0), (batch, 6, 10, 5))
   w = jax.random.normal(jax.random.key(1), (k, k, 5, 4))
   lax_conv = functools.partial(_lax_conv, padding=padding or 'SAME')
   r = jax.random.normal(jax.random.key(2), lax_conv(x, w).shape)
