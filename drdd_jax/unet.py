@@ -250,11 +250,11 @@ def group_norm_factors(x, scale, bias, num_groups: int, epsilon: float,
   per_group = c // num_groups
   xf = x.astype(jnp.float32).reshape(b, -1, c)
   n = xf.shape[1]
+  shift = (jnp.zeros((c,)) if shift is None
+           else shift.astype(jnp.float32))
   sums, square_sums = sum_rows(xf, jnp.square(xf))
-  if shift is not None:
-    shift = shift.astype(jnp.float32)
-    square_sums = square_sums + (2 * sums + n * shift) * shift
-    sums = sums + n * shift
+  square_sums = square_sums + (2 * sums + n * shift) * shift
+  sums = sums + n * shift
 
   def group_mean(v):  # [b, c] -> [b, groups, 1]
     return v.reshape(b, num_groups, per_group).sum(-1, keepdims=True) / (
@@ -266,10 +266,7 @@ def group_norm_factors(x, scale, bias, num_groups: int, epsilon: float,
   mean = group_mean(sums)
   var = jnp.maximum(0.0, group_mean(square_sums) - jnp.square(mean))
   mul = per_channel(jax.lax.rsqrt(var + epsilon)) * scale
-  add = bias - per_channel(mean) * mul
-  if shift is not None:
-    add = add + shift * mul
-  return mul, add
+  return mul, bias + (shift - per_channel(mean)) * mul
 
 
 class GroupNorm(nn.Module):
