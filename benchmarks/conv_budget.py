@@ -67,6 +67,9 @@ def main():
                       help='XLA:CPU convolution library: a key of '
                       'xla_cpu_convolutions.OPTIONS (eigen = what training '
                       'uses, unet.compiler_options())')
+  parser.add_argument('--dtype', default='float32',
+                      help='bfloat16: the convolutions in bfloat16 (on '
+                      "drdd_jax.bf16_conv's kernels where enabled)")
   args = parser.parse_args()
   spec = importlib.util.spec_from_file_location('aio5', os.path.join(
       os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'aio5.py'))
@@ -77,8 +80,8 @@ def main():
   total_s = total_flops = 0.0
   for (lhs, rhs, padding), count in sorted(
       convs.items(), key=lambda kv: -np.prod(kv[0][0]) * kv[0][1][-1]):
-    x = jax.random.normal(jax.random.key(0), lhs)
-    w = jax.random.normal(jax.random.key(1), rhs) * 0.03
+    x = jax.random.normal(jax.random.key(0), lhs).astype(args.dtype)
+    w = (jax.random.normal(jax.random.key(1), rhs) * 0.03).astype(args.dtype)
 
     def conv(a, b, padding=padding):  # the network's, with its gradient
       return unet.conv(a, b, padding)
@@ -90,7 +93,7 @@ def main():
                   forward_ms=1e3 * seconds,
                   forward_gflops=flops / seconds / 1e9)
     if not args.forward_only:
-      cotangent = jnp.ones(out.shape)
+      cotangent = jnp.ones(out.shape, out.dtype)
       first = lhs[-1] == 6  # the stem reads the data: kernel gradient only
       if first:
         grads = lambda a, b: jax.vjp(lambda k: conv(a, k), b)[1](cotangent)
@@ -106,7 +109,7 @@ def main():
     print(json.dumps(record), flush=True)
   print(json.dumps(dict(
       batch=args.batch, size=args.size, forward_only=args.forward_only,
-      library=args.library,
+      library=args.library, dtype=args.dtype,
       convolutions=sum(convs.values()), distinct=len(convs),
       total_s=total_s, total_gflop=total_flops / 1e9,
       gflops=total_flops / total_s / 1e9)))

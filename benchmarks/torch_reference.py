@@ -13,7 +13,9 @@ The network is written the way the paper's release writes it (NCHW modules:
 weight-standardized convolutions, `F.group_norm`, channel LayerNorm, linear
 attention with per-head softmaxes, `F.scaled_dot_product_attention` in the
 middle, pixel-unshuffle downsampling); `--memory_format=channels_last`
-runs the same modules on NHWC tensors (oneDNN's preferred layout).
+runs the same modules on NHWC tensors (oneDNN's preferred layout), and
+`--dtype=bfloat16` runs the network under `torch.autocast` (oneDNN's
+bfloat16 convolutions and matmuls, float32 parameters and optimizer).
 `--check` loads the parameters of `drdd_jax.unet`'s network into it and
 compares the outputs, so both programs are known to compute the same
 function (it needs jax and drdd_jax importable too).
@@ -28,6 +30,7 @@ Torch is not a dependency of this project; a CPU build lives beside it, e.g.:
 Prints one JSON object per case (the keys of `drdd_jax.bench` that apply).
 """
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -44,6 +47,18 @@ from torch.utils.flop_counter import FlopCounterMode
 def _cpu_s():
   r = resource.getrusage(resource.RUSAGE_SELF)
   return r.ru_utime + r.ru_stime
+
+
+# `--dtype`: float32, or bfloat16 through torch's CPU autocast (bf16
+# convolutions and matmuls, float32 parameters, norms and losses: what
+# drdd_jax's bfloat16 compute dtype does).
+DTYPE = 'float32'
+
+
+def _autocast():
+  if DTYPE == 'bfloat16':
+    return torch.autocast('cpu', dtype=torch.bfloat16)
+  return contextlib.nullcontext()
 
 
 class Counter:
@@ -311,7 +326,7 @@ def _record(case, image_size, batch, wall, cpu, compile_s, flops,
             memory_format, compiled=False, **extra):
   med = statistics.median(wall)
   rec = dict(case=case, framework=f'torch {torch.__version__}',
-             compiled=compiled,
+             compiled=compiled, compute_dtype=DTYPE,
              backend='cpu', threads=torch.get_num_threads(),
              memory_format=memory_format, image_size=image_size, batch=batch,
              steps=len(wall), time_s_median=med, time_s_min=min(wall),
@@ -327,7 +342,7 @@ def _record(case, image_size, batch, wall, cpu, compile_s, flops,
 def bench_calibration(n, fmt):
   x = torch.randn(8, 128, 64, 64).to(memory_format=fmt)
   conv = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(memory_format=fmt)
-  with torch.inference_mode():
+  with torch.inference_mode(), _autocast():
     return (*_time(lambda: conv(x), n, warmup=3),
             2.0 * 9 * 128 * 128 * 64 * 64 * 8)
 
@@ -351,7 +366,8 @@ def bench_train(eager, model, size, batch, n, fmt, lr=2e-5):
     x = torch.cat([x0[:batch] + 0.1 * eps[:batch], x_res]).to(
         memory_format=fmt)
     cond = torch.cat([torch.zeros_like(y), y]).to(memory_format=fmt)
-    pred = model(x, cond, t, phase)
+    with _autocast():
+      pred = model(x, cond, t, phase).float()
     loss = (F.mse_loss(pred[:batch], eps[:batch]) +
             F.mse_loss(pred[batch:], y - x0[batch:]))
     opt.zero_grad(set_to_none=True)
@@ -378,7 +394,7 @@ def bench_sample(eager, model, size, n, fmt, calls=4):
       h = h - 0.5 * model(h, cond, torch.tensor([500.0]), phase)
     return h
 
-  with torch.inference_mode():
+  with torch.inference_mode(), _autocast():
     flops = _flops(lambda: sample(eager))
     return (*_time(sample, n), flops)
 
@@ -395,12 +411,18 @@ def main():
                       choices=['contiguous', 'channels_last'])
   parser.add_argument('--base_channels', type=int, default=64)
   parser.add_argument('--channel_mults', default='1,2,4,8')
+  parser.add_argument('--dtype', default='float32',
+                      choices=['float32', 'bfloat16'],
+                      help='bfloat16: torch.autocast (bf16 convolutions and '
+                      'matmuls, float32 parameters)')
   parser.add_argument('--compile', action='store_true',
                       help='torch.compile the network (inductor)')
   parser.add_argument('--check', action='store_true',
                       help='compare with drdd_jax.unet and exit')
   parser.add_argument('--json_out')
   args = parser.parse_args()
+  global DTYPE
+  DTYPE = args.dtype
   torch.set_num_threads(args.threads)
   mults = tuple(int(m) for m in args.channel_mults.split(','))
   if args.check:

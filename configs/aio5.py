@@ -62,7 +62,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       batch_size=16,  # global residual batch (pairs).
       noise_batch_size=0,  # global noise batch (targets); 0 = batch_size.
       seed=0,
-      compute_dtype='auto',  # 'auto' (bf16 on TPU/GPU, f32 on CPU) | 'float32' | 'bfloat16'.
+      # 'auto': bf16 on TPU/GPU and on a CPU with AVX512-BF16 (one device,
+      # drdd_jax.bf16_conv's kernels), else f32 | 'float32' | 'bfloat16'.
+      compute_dtype='auto',
       steps_per_dispatch=1,
       # Gradient accumulated over this many slices of each batch, one after
       # another: the step's activation memory / microbatches, same maths.
@@ -126,6 +128,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.training.num_steps = 2
     c.training.batch_size = 8
     c.training.log_every = 1
+    # The tests compare float32 results; 'auto' would differ by machine.
+    c.training.compute_dtype = 'float32'
     c.training.checkpoint_every = 2
     c.training.keep_every = 0
     c.training.sample_every = 0

@@ -8,7 +8,9 @@
 
 Prints one JSON object per case, then a table. Cases:
 - `calibration`: a plain 3x3 convolution (128 -> 128 channels, 64x64, batch
-  8); its FLOP/s is what the other cases are compared with.
+  8) in the config's compute dtype, as the network runs it (`unet.conv`: on
+  `bf16_conv`'s kernels where they run); its FLOP/s is what the other cases
+  are compared with.
 - `train`: `train.make_train_step` + `jit_train_step` on synthetic uint8
   batches (`--batch` pairs and as many noise targets), one step per dispatch.
   `time_s_*` wait for each step; `train_step_s_pipelined` is the mean over
@@ -21,8 +23,11 @@ Prints one JSON object per case, then a table. Cases:
   ceiling of an accelerator's matrix units.
 
 `flops_per_step` is XLA's cost analysis of the program as written (lowered
-for CPU, so it is the same number on every backend: accelerator compilers hide
-convolutions in library calls that their own cost analysis does not count).
+for CPU with XLA's convolutions, so it is the same number on every backend:
+accelerator compilers hide convolutions in library calls, and `bf16_conv` in
+custom calls, that cost analysis does not count). Records say which compute
+dtype they measured (`compute_dtype`) and whether `bf16_conv`'s kernels ran
+(`bf16_conv`).
 On an accelerator whose bf16 dense peak is known (`PEAK_BF16_TFLOPS`),
 `model_flops_utilization` is the achieved FLOP/s over that peak.
 
@@ -106,18 +111,29 @@ def _xla_convs():
   return 'eigen' if _EIGEN_CONVS.value else 'ynnpack'
 
 
+def _dtype_fields(dtype) -> dict:
+  """The record's compute dtype, and whether `bf16_conv`'s kernels ran."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from drdd_jax import bf16_conv  # pylint: disable=g-import-not-at-top
+  return dict(compute_dtype=dtype.name,
+              bf16_conv=dtype == jnp.bfloat16 and bf16_conv.enabled())
+
+
 def _cpu_s() -> float:
   r = resource.getrusage(resource.RUSAGE_SELF)
   return r.ru_utime + r.ru_stime
 
 
 def model_flops(fn, *args) -> float:
-  """XLA's FLOP count of `fn(*args)`, lowered for CPU whatever the backend."""
+  """XLA's FLOP count of `fn(*args)`, lowered for CPU whatever the backend,
+  with XLA's convolutions (it counts none in `bf16_conv`'s custom calls)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from drdd_jax import bf16_conv  # pylint: disable=g-import-not-at-top
   cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
   specs = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
-  cost = jax.jit(fn).lower(*specs).cost_analysis()
+  with bf16_conv.disabled():
+    cost = jax.jit(fn).lower(*specs).cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0]
   return float(cost.get('flops', 0.0)) if cost else 0.0
@@ -246,15 +262,16 @@ def _record(case, *, image_size, batch, wall, cpu, compile_s, flops,
 
 
 # ------------------------------------------------------------------ cases ---
-def bench_calibration(n: int) -> dict:
-  """A plain 3x3 convolution, compiled like the train step."""
+def bench_calibration(config, n: int) -> dict:
+  """A plain 3x3 convolution in the config's compute dtype, as the network
+  runs it (`unet.conv`) and compiled like the train step."""
   import jax  # pylint: disable=g-import-not-at-top
+  from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
   b, s, c = (CALIBRATION[k] for k in ('batch', 'image_size', 'channels'))
-  x = jax.random.normal(jax.random.key(0), (b, s, s, c))
-  w = jax.random.normal(jax.random.key(1), (3, 3, c, c)) * 0.03
-  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
-                 compiler_options=_compiler_options())
+  dtype = train.compute_dtype(config)
+  x = jax.random.normal(jax.random.key(0), (b, s, s, c)).astype(dtype)
+  w = (jax.random.normal(jax.random.key(1), (3, 3, c, c)) * 0.03).astype(dtype)
+  conv = jax.jit(unet.conv, compiler_options=_compiler_options())
   t0 = time.perf_counter()
   compiled = conv.lower(x, w).compile()
   compile_s = time.perf_counter() - t0
@@ -262,7 +279,7 @@ def bench_calibration(n: int) -> dict:
   return _record('calibration', image_size=s, batch=b, wall=wall, cpu=cpu,
                  compile_s=compile_s, flops=2.0 * b * s * s * c * c * 9,
                  images_per_call=b, fraction_of_calibration=1.0,
-                 xla_convs=_xla_convs())
+                 xla_convs=_xla_convs(), **_dtype_fields(dtype))
 
 
 def _synthetic_batch(batch: int, noise_batch: int, size: int):
@@ -338,7 +355,7 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
                                   train.global_batch(one_batch, mesh), rng),
                 images_per_call=batch + noise_batch, noise_batch=noise_batch,
                 steps_per_dispatch=k,
-                compute_dtype=train.compute_dtype(config).name,
+                **_dtype_fields(train.compute_dtype(config)),
                 remat=bool(config.model.remat),
                 microbatches=config.training.microbatches,
                 xla_convs=_xla_convs(),
@@ -385,7 +402,7 @@ def bench_sample(config, size: int, n: int) -> dict:
                 compile_s=compile_s,
                 flops=calls * model_flops(one_call, params, y),
                 images_per_call=1, network_calls=calls,
-                compute_dtype=train.compute_dtype(config).name,
+                **_dtype_fields(train.compute_dtype(config)),
                 xla_convs='eigen' if jax.default_backend() == 'cpu' else None)
   rec['profile_top_ops'] = _profile(call, f'sample_{size}')
   rec['sample_s_per_image'] = rec['time_s_median']
@@ -464,7 +481,7 @@ def run_unit(case, size):
   config = _CONFIG.value
   n = _steps()
   if case == 'calibration':
-    return bench_calibration(max(10, 3 * n))  # Cheap calls: more of them.
+    return bench_calibration(config, max(10, 3 * n))  # Cheap: more calls.
   if case == 'matmul':
     return bench_matmul(max(10, 3 * n))
   if case == 'train':

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from drdd_jax import bf16_conv
 from drdd_jax import checkpoints
 from drdd_jax import data as data_lib
 from drdd_jax import distributed
@@ -81,9 +82,16 @@ def noise_batch_size(config) -> int:
 
 
 def compute_dtype(config):
+  """`training.compute_dtype`; 'auto' is bfloat16 where that is faster.
+
+  On TPU and GPU; on CPU where `bf16_conv.enabled()` (AVX512-BF16, one
+  device). XLA:CPU's own bfloat16 convolutions are no faster than float32
+  (docs/performance.md), so other CPUs keep float32.
+  """
   name = config.training.compute_dtype
   if name == 'auto':
-    name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+    fast = jax.default_backend() != 'cpu' or bf16_conv.enabled()
+    name = 'bfloat16' if fast else 'float32'
   return jnp.dtype(name)
 
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drdd_jax import bf16_conv
+
 # torch's default conv/linear init (kaiming_uniform with a=sqrt(5)).
 _torch_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 Dtype = Any
@@ -36,7 +38,8 @@ def conv(x, w, padding=None):
   microbatches) they ran as generic loops, ~30x slower
   (`benchmarks/xla_cpu_loops.py`); so did an even kernel's weight gradient
   at the top level. The gradient is the same computation
-  (tests/test_unet.py).
+  (tests/test_unet.py). bfloat16 convolutions and their gradients run on
+  `bf16_conv`'s kernels where `bf16_conv.enabled()`.
   """
   kh, kw = w.shape[:2]
   if padding is None:
@@ -45,7 +48,8 @@ def conv(x, w, padding=None):
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
   padding = tuple(tuple(p) for p in padding)
   if jax.default_backend() == 'cpu':
-    return _conv_eigen_gradients(x, w, padding)
+    kernels = (x.dtype == w.dtype == jnp.bfloat16) and bf16_conv.enabled()
+    return _cpu_conv(x, w, padding, kernels)
   return _lax_conv(x, w, padding)
 
 
@@ -54,23 +58,32 @@ def _lax_conv(x, w, padding):
       x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_eigen_gradients(x, w, padding):
-  return _lax_conv(x, w, padding)
+def _conv_on(x, w, padding, kernels: bool):
+  return (bf16_conv.conv if kernels else _lax_conv)(x, w, padding)
 
 
-def _conv_fwd(x, w, padding):
-  return _lax_conv(x, w, padding), (x, w)
+# `kernels` is static, so traces with and without the kernels never share a
+# cache entry.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _cpu_conv(x, w, padding, kernels):
+  return _conv_on(x, w, padding, kernels)
 
 
-def _conv_bwd(padding, saved, g):
+def _cpu_conv_fwd(x, w, padding, kernels):
+  return _conv_on(x, w, padding, kernels), (x, w)
+
+
+def _cpu_conv_bwd(padding, kernels, saved, g):
   x, w = saved
   kh, kw = w.shape[:2]
   (top, bottom), (left, right) = padding
   # dx: g convolved with the flipped kernel, its in/out channels swapped.
-  dx = _lax_conv(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2),
-                 ((kh - 1 - top, kh - 1 - bottom),
-                  (kw - 1 - left, kw - 1 - right)))
+  dx = _conv_on(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2),
+                ((kh - 1 - top, kh - 1 - bottom),
+                 (kw - 1 - left, kw - 1 - right)), kernels)
+  if kernels:
+    dw = bf16_conv.conv_weight_gradient(x, g, (kh, kw), padding)
+    return dx, dw.astype(w.dtype)
   # dw[a, b, i, o] = sum over n, h, w of x[n, h + a - top, w + b - left, i]
   # * g[n, h, w, o]: x padded, as [I, H, W, N], convolved with g as an
   # [H', W', N, O] kernel gives dw as [I, kh, kw, O]. XLA:CPU rewrote that
@@ -86,7 +99,7 @@ def _conv_bwd(padding, saved, g):
   return dx, dw.transpose(1, 2, 0, 3)
 
 
-_conv_eigen_gradients.defvjp(_conv_fwd, _conv_bwd)
+_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 # Row p of _PHASE_TAPS[a] sums the 3x3 kernel's rows that read input row
 # i - 1 + a + p for output row 2i + a of a nearest-neighbour 2x upsampling.

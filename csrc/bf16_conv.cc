@@ -1,0 +1,448 @@
+// bfloat16 convolutions for x86 CPUs with AVX512-BF16, as XLA FFI handlers.
+//
+// XLA:CPU computes bfloat16 convolutions by converting them to float32: no
+// faster than float32 (docs/performance.md). VDPBF16PS multiplies 32 pairs
+// of bfloat16 and adds them into 16 float32 lanes, twice the float32 FMA's
+// arithmetic per instruction. Two handlers, both NHWC, stride 1, with
+// `xpad` = x with pad_top/pad_bottom zero rows and pad_left/pad_right zero
+// columns:
+//
+//   drdd_bf16_conv:        y[b, i, j, o]  = sum_{a, c, k} xpad[b, i + a, j + c, k] * w[a, c, k, o]
+//                          (bfloat16 out, float32 accumulation)
+//   drdd_bf16_conv_wgrad:  dw[a, c, k, o] = sum_{b, i, j} xpad[b, i + a, j + c, k] * g[b, i, j, o]
+//                          (float32 out)
+//
+// Both are one matrix product out[m, n] = sum_q A[m, q] B[q, n] computed in
+// tiles of up to kRows x kCols float32 accumulators (Tile), where q runs over
+// pairs of the contracted axis (one 32-bit word of A, broadcast to all
+// lanes, against a packed pair-interleaved row of B). The convolution's m is
+// the output pixel and q = (tap, channel pair): A is read in place from the
+// padded input. The weight gradient's m is (tap, input channel) and q =
+// (b, i, pair of columns j): A comes from a copy of xpad whose every word
+// holds a pixel's channel with the same channel of its right neighbour.
+// Work is split into tasks over XLA's intra-op thread pool; the caller works
+// too, so a call never waits for a pool thread that is busy elsewhere.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define DRDD_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using bf16 = uint16_t;
+constexpr int kRows = 6;        // accumulator rows per tile
+constexpr int kCols = 64;       // accumulator columns per tile: 4 vectors
+constexpr int kTileGroup = 8;   // tiles of rows per task
+constexpr int kPairsPerBlock = 256;  // weight gradient: q per cache block
+
+// Runs f(0) ... f(n - 1) on the caller and up to pool.num_threads() - 1
+// pool threads. Tasks are claimed from a shared counter; a pool thread that
+// starts after all are claimed returns at once, so f is called only while
+// the caller waits for the claimed tasks.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto work = [counters, fn = &f, n] {
+    for (int64_t i; (i = counters->next.fetch_add(1)) < n;) {
+      (*fn)(i);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  while (counters->done.load(std::memory_order_acquire) < n) {
+    std::this_thread::yield();
+  }
+}
+
+#if defined(DRDD_TARGET)
+
+// acc[r, :cols] (+)= sum_s sum_{k < seg_len} A(r, s, k) * B[q], q = s *
+// seg_len + k, with A(r, s, k) the bf16 pair at rows[r] + seg[s] + k * step
+// and B packed as [q][NV * 16 columns][2]; acc is out (ld elements per row),
+// float32 or bfloat16, loaded first when kAccumulate.
+template <int MR, int NV, bool kAccumulate, typename Out>
+DRDD_TARGET void Tile(const bf16* const* rows, const int64_t* seg,
+                      int64_t num_segments, int64_t seg_len, int64_t step,
+                      const bf16* b, Out* out, int64_t ld, int cols) {
+  __mmask16 mask[NV];
+  for (int j = 0; j < NV; ++j) {
+    int left = std::clamp(cols - 16 * j, 0, 16);
+    mask[j] = static_cast<__mmask16>((1u << left) - 1);
+  }
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NV; ++j) {
+      if constexpr (kAccumulate) {
+        acc[r][j] = _mm512_maskz_loadu_ps(mask[j], out + r * ld + 16 * j);
+      } else {
+        acc[r][j] = _mm512_setzero_ps();
+      }
+    }
+  }
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const bf16* a[MR];
+    for (int r = 0; r < MR; ++r) a[r] = rows[r] + seg[s];
+    for (int64_t k = 0; k < seg_len; ++k) {
+      __m512bh bv[NV];
+      for (int j = 0; j < NV; ++j) {
+        bv[j] = (__m512bh)_mm512_loadu_si512(b + 32 * j);
+      }
+      b += 32 * NV;
+      for (int r = 0; r < MR; ++r) {
+        int32_t word;
+        std::memcpy(&word, a[r] + k * step, sizeof(word));
+        __m512bh av = (__m512bh)_mm512_set1_epi32(word);
+        for (int j = 0; j < NV; ++j) {
+          acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NV; ++j) {
+      if constexpr (sizeof(Out) == 2) {
+        __m256i h = (__m256i)_mm512_cvtneps_pbh(acc[r][j]);
+        _mm256_mask_storeu_epi16(out + r * ld + 16 * j, mask[j], h);
+      } else {
+        _mm512_mask_storeu_ps(out + r * ld + 16 * j, mask[j], acc[r][j]);
+      }
+    }
+  }
+}
+
+template <typename Out>
+using TileFn = void (*)(const bf16* const*, const int64_t*, int64_t, int64_t,
+                        int64_t, const bf16*, Out*, int64_t, int);
+
+template <bool kAccumulate, typename Out, int MR>
+TileFn<Out> PickColumns(int nv) {
+  switch (nv) {
+    case 1: return Tile<MR, 1, kAccumulate, Out>;
+    case 2: return Tile<MR, 2, kAccumulate, Out>;
+    case 3: return Tile<MR, 3, kAccumulate, Out>;
+    default: return Tile<MR, 4, kAccumulate, Out>;
+  }
+}
+
+template <bool kAccumulate, typename Out>
+TileFn<Out> PickTile(int mr, int nv) {
+  switch (mr) {
+    case 1: return PickColumns<kAccumulate, Out, 1>(nv);
+    case 2: return PickColumns<kAccumulate, Out, 2>(nv);
+    case 3: return PickColumns<kAccumulate, Out, 3>(nv);
+    case 4: return PickColumns<kAccumulate, Out, 4>(nv);
+    case 5: return PickColumns<kAccumulate, Out, 5>(nv);
+    default: return PickColumns<kAccumulate, Out, 6>(nv);
+  }
+}
+
+// out[2 i] = a[i], out[2 i + 1] = b[i] for i < n; a or b null reads zeros.
+DRDD_TARGET void Interleave(const bf16* a, const bf16* b, int64_t n,
+                            bf16* out) {
+  alignas(64) static constexpr uint16_t kIndex[32] = {
+      0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i index = _mm512_load_si512(kIndex);
+  for (int64_t i = 0; i < n; i += 16) {
+    int left = static_cast<int>(std::min<int64_t>(16, n - i));
+    __mmask16 in = static_cast<__mmask16>((1u << left) - 1);
+    __mmask32 both = static_cast<__mmask32>((uint64_t{1} << (2 * left)) - 1);
+    __m256i va = a ? _mm256_maskz_loadu_epi16(in, a + i) : _mm256_setzero_si256();
+    __m256i vb = b ? _mm256_maskz_loadu_epi16(in, b + i) : _mm256_setzero_si256();
+    __m512i v = _mm512_inserti64x4(_mm512_zextsi256_si512(va), vb, 1);
+    _mm512_mask_storeu_epi16(out + 2 * i, both,
+                             _mm512_permutexvar_epi16(index, v));
+  }
+}
+
+bool CpuSupported() {
+  return __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+#else  // not x86-64
+
+bool CpuSupported() { return false; }
+
+#endif
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Column blocks of the output (kCols wide, the last one narrower) and where
+// each one's packed B starts, for B with `pairs` rows of pairs.
+struct ColumnBlocks {
+  ColumnBlocks(int64_t columns, int64_t pairs) {
+    for (int64_t c0 = 0, offset = 0; c0 < columns; c0 += kCols) {
+      int cols = static_cast<int>(std::min<int64_t>(kCols, columns - c0));
+      int nv = static_cast<int>(CeilDiv(cols, 16));
+      blocks.push_back({c0, cols, nv, offset});
+      offset += pairs * nv * 32;
+      size = offset;
+    }
+  }
+  struct Block {
+    int64_t start;
+    int cols, nv;
+    int64_t offset;
+  };
+  std::vector<Block> blocks;
+  int64_t size = 0;
+};
+
+struct Geometry {
+  int64_t batch, height, width, channels;  // x
+  int64_t kh, kw, top, bottom, left, right;
+  int64_t hp() const { return height + top + bottom; }
+  int64_t wp() const { return width + left + right; }
+  int64_t ho() const { return hp() - kh + 1; }
+  int64_t wo() const { return wp() - kw + 1; }
+};
+
+ffi::Error Check(const Geometry& g) {
+  if (!CpuSupported()) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      "drdd_bf16_conv needs a CPU with AVX512-BF16.");
+  }
+  if (std::min({g.top, g.bottom, g.left, g.right}) < 0 || g.ho() < 1 ||
+      g.wo() < 1) {
+    return ffi::Error::InvalidArgument(
+        "drdd_bf16_conv: negative padding or an empty output.");
+  }
+  return ffi::Error::Success();
+}
+
+// x [B, H, W, C] into xpad [B, Hp, Wp, Cp] with zero borders (Cp = C
+// rounded up to even); the padded rows run as tasks.
+void Pad(ffi::ThreadPool& pool, const Geometry& g, const bf16* x,
+         int64_t cp, bf16* xpad) {
+  const int64_t hp = g.hp(), wp = g.wp(), c = g.channels;
+  ParallelFor(pool, g.batch * hp, [&](int64_t row) {
+    int64_t b = row / hp, h = row % hp - g.top;
+    bf16* dst = xpad + row * wp * cp;
+    std::memset(dst, 0, wp * cp * sizeof(bf16));
+    if (h < 0 || h >= g.height) return;
+    const bf16* src = x + (b * g.height + h) * g.width * c;
+    if (cp == c) {
+      std::memcpy(dst + g.left * cp, src, g.width * c * sizeof(bf16));
+    } else {
+      for (int64_t j = 0; j < g.width; ++j) {
+        std::memcpy(dst + (g.left + j) * cp, src + j * c, c * sizeof(bf16));
+      }
+    }
+  });
+}
+
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
+                    ffi::Buffer<ffi::BF16, 4> w,
+                    ffi::ResultBuffer<ffi::BF16, 4> y, int64_t pad_top,
+                    int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1],
+             pad_top, pad_bottom, pad_left, pad_right};
+  if (ffi::Error e = Check(g); e.failure()) return e;
+  const int64_t out_ch = wd[3];
+  if (wd[2] != g.channels || yd[0] != g.batch || yd[1] != g.ho() ||
+      yd[2] != g.wo() || yd[3] != out_ch) {
+    return ffi::Error::InvalidArgument("drdd_bf16_conv: shapes disagree.");
+  }
+#if defined(DRDD_TARGET)
+  const int64_t c = g.channels, cp = c + (c & 1), pairs = cp / 2;
+  const int64_t hp = g.hp(), wp = g.wp(), ho = g.ho(), wo = g.wo();
+  const int64_t taps = g.kh * g.kw;
+
+  // A: the input itself when no padding is needed.
+  const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
+  std::vector<bf16> padded;
+  if (g.top || g.bottom || g.left || g.right || cp != c) {
+    padded.resize(g.batch * hp * wp * cp);
+    Pad(pool, g, xs, cp, padded.data());
+    xs = padded.data();
+  }
+  std::vector<int64_t> seg(taps);
+  for (int64_t t = 0; t < taps; ++t) {
+    seg[t] = ((t / g.kw) * wp + t % g.kw) * cp;
+  }
+
+  // B: w as [column block][tap][channel pair][nv * 16][2].
+  ColumnBlocks blocks(out_ch, taps * pairs);
+  std::vector<bf16> packed(blocks.size);
+  const bf16* ws = reinterpret_cast<const bf16*>(w.typed_data());
+  ParallelFor(pool, blocks.blocks.size() * taps, [&](int64_t task) {
+    const auto& blk = blocks.blocks[task / taps];
+    int64_t t = task % taps, width = blk.nv * 16;
+    bf16* dst = packed.data() + blk.offset + t * pairs * width * 2;
+    std::memset(dst, 0, pairs * width * 2 * sizeof(bf16));
+    for (int64_t k = 0; k < c; k += 2, dst += width * 2) {
+      const bf16* src = ws + (t * c + k) * out_ch + blk.start;
+      Interleave(src, k + 1 < c ? src + out_ch : nullptr, blk.cols, dst);
+    }
+  });
+
+  const int64_t pixels = g.batch * ho * wo;
+  const int64_t chunk = kTileGroup * kRows;
+  const int64_t chunks = CeilDiv(pixels, chunk);
+  bf16* ys = reinterpret_cast<bf16*>(y->typed_data());
+  // Consecutive tasks share a column block: its packed B stays in cache.
+  ParallelFor(pool, blocks.blocks.size() * chunks, [&](int64_t task) {
+    const auto& blk = blocks.blocks[task / chunks];
+    int64_t m_end = std::min(pixels, (task % chunks + 1) * chunk);
+    for (int64_t m = (task % chunks) * chunk; m < m_end; m += kRows) {
+      int mr = static_cast<int>(std::min<int64_t>(kRows, m_end - m));
+      const bf16* rows[kRows];
+      for (int r = 0; r < mr; ++r) {
+        int64_t p = m + r, b = p / (ho * wo), i = p / wo % ho, j = p % wo;
+        rows[r] = xs + ((b * hp + i) * wp + j) * cp;
+      }
+      PickTile<false, bf16>(mr, blk.nv)(
+          rows, seg.data(), taps, pairs, 2, packed.data() + blk.offset,
+          ys + m * out_ch + blk.start, out_ch, blk.cols);
+    }
+  });
+#endif
+  return ffi::Error::Success();
+}
+
+ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
+                          ffi::Buffer<ffi::BF16, 4> gy,
+                          ffi::ResultBuffer<ffi::F32, 4> dw, int64_t pad_top,
+                          int64_t pad_bottom, int64_t pad_left,
+                          int64_t pad_right) {
+  auto xd = x.dimensions(), gd = gy.dimensions(), dd = dw->dimensions();
+  Geometry g{xd[0], xd[1], xd[2], xd[3], dd[0], dd[1],
+             pad_top, pad_bottom, pad_left, pad_right};
+  if (ffi::Error e = Check(g); e.failure()) return e;
+  const int64_t out_ch = gd[3];
+  if (dd[2] != g.channels || dd[3] != out_ch || gd[0] != g.batch ||
+      gd[1] != g.ho() || gd[2] != g.wo()) {
+    return ffi::Error::InvalidArgument(
+        "drdd_bf16_conv_wgrad: shapes disagree.");
+  }
+#if defined(DRDD_TARGET)
+  const int64_t c = g.channels, hp = g.hp(), wp = g.wp();
+  const int64_t ho = g.ho(), wo = g.wo(), wo2 = CeilDiv(wo, 2);
+  const int64_t taps = g.kh * g.kw;
+
+  // A: xpad with each channel paired with its right neighbour's,
+  // [B, Hp, Wp, C, 2].
+  const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
+  std::vector<bf16> xpair(g.batch * hp * wp * c * 2);
+  ParallelFor(pool, g.batch * hp, [&](int64_t row) {
+    int64_t b = row / hp, h = row % hp - g.top;
+    bf16* dst = xpair.data() + row * wp * c * 2;
+    if (h < 0 || h >= g.height) {
+      std::memset(dst, 0, wp * c * 2 * sizeof(bf16));
+      return;
+    }
+    const bf16* src = xs + (b * g.height + h) * g.width * c;
+    auto pixel = [&](int64_t j) {
+      j -= g.left;
+      return j >= 0 && j < g.width ? src + j * c : nullptr;
+    };
+    for (int64_t j = 0; j < wp; ++j, dst += 2 * c) {
+      Interleave(pixel(j), pixel(j + 1), c, dst);
+    }
+  });
+
+  // B: gy as [column block][b, i, j / 2][nv * 16][2] (a zero column when
+  // wo is odd).
+  const int64_t segments = g.batch * ho, pairs = segments * wo2;
+  ColumnBlocks blocks(out_ch, pairs);
+  std::vector<bf16> packed(blocks.size);
+  const bf16* gs = reinterpret_cast<const bf16*>(gy.typed_data());
+  ParallelFor(pool, blocks.blocks.size() * segments, [&](int64_t task) {
+    const auto& blk = blocks.blocks[task / segments];
+    int64_t s = task % segments, width = blk.nv * 16;
+    bf16* dst = packed.data() + blk.offset + s * wo2 * width * 2;
+    if (blk.cols < width) std::memset(dst, 0, wo2 * width * 2 * sizeof(bf16));
+    for (int64_t j = 0; j < wo; j += 2, dst += width * 2) {
+      const bf16* src = gs + (s * wo + j) * out_ch + blk.start;
+      Interleave(src, j + 1 < wo ? src + out_ch : nullptr, blk.cols, dst);
+    }
+  });
+  std::vector<int64_t> seg(segments);
+  for (int64_t s = 0; s < segments; ++s) {
+    seg[s] = ((s / ho) * hp + s % ho) * wp * c * 2;
+  }
+
+  // Rows m = (tap, input channel); q = (b, i, j / 2), cache-blocked.
+  const int64_t rows_total = taps * c;
+  const int64_t chunk = kTileGroup * kRows;
+  const int64_t chunks = CeilDiv(rows_total, chunk);
+  const int64_t seg_block = std::max<int64_t>(1, kPairsPerBlock / wo2);
+  float* out = dw->typed_data();
+  ParallelFor(pool, blocks.blocks.size() * chunks, [&](int64_t task) {
+    const auto& blk = blocks.blocks[task / chunks];
+    int64_t m_begin = (task % chunks) * chunk;
+    int64_t m_end = std::min(rows_total, m_begin + chunk);
+    for (int64_t s0 = 0; s0 < segments; s0 += seg_block) {
+      int64_t ns = std::min(seg_block, segments - s0);
+      const bf16* b = packed.data() + blk.offset + s0 * wo2 * blk.nv * 32;
+      for (int64_t m = m_begin; m < m_end; m += kRows) {
+        int mr = static_cast<int>(std::min<int64_t>(kRows, m_end - m));
+        const bf16* rows[kRows];
+        for (int r = 0; r < mr; ++r) {
+          int64_t t = (m + r) / c, k = (m + r) % c;
+          rows[r] = xpair.data() + ((t / g.kw) * wp + t % g.kw) * c * 2 +
+                    2 * k;
+        }
+        auto tile = s0 ? PickTile<true, float>(mr, blk.nv)
+                       : PickTile<false, float>(mr, blk.nv);
+        tile(rows, seg.data() + s0, ns, wo2, 4 * c, b,
+             out + m * out_ch + blk.start, out_ch, blk.cols);
+      }
+    }
+  });
+#endif
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Template arguments with commas cannot go through the macro.
+using Bf16Array = ffi::Buffer<ffi::BF16, 4>;
+using F32Array = ffi::Buffer<ffi::F32, 4>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddBf16Conv, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bf16Array>()
+                                  .Arg<Bf16Array>()
+                                  .Ret<Bf16Array>()
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddBf16ConvWeightGrad, WeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bf16Array>()
+                                  .Arg<Bf16Array>()
+                                  .Ret<F32Array>()
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right"));
+
+// 1 where this CPU runs the handlers (checked by drdd_jax.bf16_conv).
+extern "C" int DrddBf16ConvSupported() { return CpuSupported() ? 1 : 0; }
