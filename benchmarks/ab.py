@@ -14,9 +14,10 @@ changes:
   conv_gradient  `unet.conv`'s own gradient against jax's.
   upsample_conv  `unet.upsample_conv` against `jnp.repeat` twice and a 3x3
                  convolution.
-  bf16_conv      `drdd_jax.bf16_conv`'s kernels against XLA's bfloat16
-                 convolutions (needs `training.compute_dtype` bfloat16, the
-                 default where the kernels are enabled).
+  bf16_conv      `drdd_jax.bf16_conv`'s kernels against XLA's convolutions
+                 of the same operands (bfloat16 products: the default
+                 `training.conv_precision` where the kernels run, or
+                 `training.compute_dtype` bfloat16).
   fold_bias      `unet.GroupNorm` folding the convolution's bias and the
                  time embedding's FiLM into its factors, against adding them
                  as separate elementwise ops.
@@ -73,8 +74,9 @@ CHANGES = {
     'split_sums': ('sum_rows',
                    lambda *xs: tuple(x.sum(axis=-2) for x in xs),
                    ('plain sums', 'split sums')),
-    'conv_gradient': ('_cpu_conv',
-                      lambda x, w, padding, _: unet._lax_conv(x, w, padding),  # pylint: disable=protected-access
+    'conv_gradient': ('_conv',
+                      lambda x, w, padding, *_: unet._lax_conv(  # pylint: disable=protected-access
+                          x, w.astype(x.dtype), padding),
                       ("jax's gradient", "unet.conv's gradient")),
     'bf16_conv': ('bf16_conv', types.SimpleNamespace(enabled=lambda: False),
                   ("XLA's bfloat16 convolutions", "bf16_conv's kernels")),

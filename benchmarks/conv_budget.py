@@ -26,20 +26,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drdd_jax import train, unet
+from drdd_jax import bf16_conv, train, unet
 from drdd_jax.bench import median_call_s
 import xla_cpu_convolutions  # pylint: disable=g-bad-import-order
 
 
 def network_convolutions(config, batch: int, size: int) -> collections.Counter:
   """(input shape, kernel shape, padding) -> count, over one forward pass."""
-  model = train.create_model(config)
-  params = jax.eval_shape(lambda r: unet.init_params(model, r),
-                          jax.random.key(0))
-  x = jnp.zeros((batch, size, size, 3))
-  t, phase = jnp.zeros((batch,)), jnp.zeros((batch,), jnp.int32)
-  jaxpr = jax.make_jaxpr(
-      lambda p: model.apply({'params': p}, x, x, t, phase))(params)
+  with bf16_conv.disabled():  # XLA's convolutions: the primitives found
+    model = train.create_model(config)
+    params = jax.eval_shape(lambda r: unet.init_params(model, r),
+                            jax.random.key(0))
+    x = jnp.zeros((batch, size, size, 3))
+    t, phase = jnp.zeros((batch,)), jnp.zeros((batch,), jnp.int32)
+    jaxpr = jax.make_jaxpr(
+        lambda p: model.apply({'params': p}, x, x, t, phase))(params)
   found = collections.Counter()
 
   def walk(jx):
@@ -70,6 +71,9 @@ def main():
   parser.add_argument('--dtype', default='float32',
                       help='bfloat16: the convolutions in bfloat16 (on '
                       "drdd_jax.bf16_conv's kernels where enabled)")
+  parser.add_argument('--precision', default=None,
+                      help="bfloat16: float32 convolutions with bfloat16 "
+                      "products (unet.conv's precision; bf16_conv's kernels)")
   args = parser.parse_args()
   spec = importlib.util.spec_from_file_location('aio5', os.path.join(
       os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'aio5.py'))
@@ -84,7 +88,7 @@ def main():
     w = (jax.random.normal(jax.random.key(1), rhs) * 0.03).astype(args.dtype)
 
     def conv(a, b, padding=padding):  # the network's, with its gradient
-      return unet.conv(a, b, padding)
+      return unet.conv(a, b, padding, args.precision)
 
     out = jax.eval_shape(conv, x, w)
     flops = 2.0 * np.prod(out.shape) * np.prod(rhs[:-1])
@@ -109,7 +113,7 @@ def main():
     print(json.dumps(record), flush=True)
   print(json.dumps(dict(
       batch=args.batch, size=args.size, forward_only=args.forward_only,
-      library=args.library, dtype=args.dtype,
+      library=args.library, dtype=args.dtype, precision=args.precision,
       convolutions=sum(convs.values()), distinct=len(convs),
       total_s=total_s, total_gflop=total_flops / 1e9,
       gflops=total_flops / total_s / 1e9)))

@@ -62,9 +62,11 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       batch_size=16,  # global residual batch (pairs).
       noise_batch_size=0,  # global noise batch (targets); 0 = batch_size.
       seed=0,
-      # 'auto': bf16 on TPU/GPU and on a CPU with AVX512-BF16 (one device,
-      # drdd_jax.bf16_conv's kernels), else f32 | 'float32' | 'bfloat16'.
-      compute_dtype='auto',
+      compute_dtype='auto',  # 'auto' (bf16 on TPU/GPU, f32 on CPU) | 'float32' | 'bfloat16'.
+      # 'auto': float32 convolutions with bfloat16 products where
+      # drdd_jax.bf16_conv's kernels run (a CPU with AVX512-BF16, one
+      # device), else 'default' (the compute dtype's) | 'bfloat16'.
+      conv_precision='auto',
       steps_per_dispatch=1,
       # Gradient accumulated over this many slices of each batch, one after
       # another: the step's activation memory / microbatches, same maths.
@@ -129,7 +131,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.training.batch_size = 8
     c.training.log_every = 1
     # The tests compare float32 results; 'auto' would differ by machine.
-    c.training.compute_dtype = 'float32'
+    c.training.conv_precision = 'default'
     c.training.checkpoint_every = 2
     c.training.keep_every = 0
     c.training.sample_every = 0

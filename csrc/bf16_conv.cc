@@ -1,14 +1,17 @@
-// bfloat16 convolutions for x86 CPUs with AVX512-BF16, as XLA FFI handlers.
+// Convolutions with bfloat16 products for x86 CPUs with AVX512-BF16, as XLA
+// FFI handlers (drdd_jax/bf16_conv.py).
 //
 // XLA:CPU computes bfloat16 convolutions by converting them to float32: no
 // faster than float32 (docs/performance.md). VDPBF16PS multiplies 32 pairs
 // of bfloat16 and adds them into 16 float32 lanes, twice the float32 FMA's
 // arithmetic per instruction. Two handlers, both NHWC, stride 1, with
 // `xpad` = x with pad_top/pad_bottom zero rows and pad_left/pad_right zero
-// columns:
+// columns, operands rounded to bfloat16 (float32 or bfloat16 in), sums in
+// float32:
 //
 //   drdd_bf16_conv:        y[b, i, j, o]  = sum_{a, c, k} xpad[b, i + a, j + c, k] * w[a, c, k, o]
-//                          (bfloat16 out, float32 accumulation)
+//                          (float32 or bfloat16 out; with transpose_kernel,
+//                          w[kh - 1 - a, kw - 1 - c, o, k]: the input gradient)
 //   drdd_bf16_conv_wgrad:  dw[a, c, k, o] = sum_{b, i, j} xpad[b, i + a, j + c, k] * g[b, i, j, o]
 //                          (float32 out)
 //
@@ -17,8 +20,8 @@
 // pairs of the contracted axis (one 32-bit word of A, broadcast to all
 // lanes, against a packed pair-interleaved row of B). The convolution's m is
 // the output pixel and q = (tap, channel pair): A is read in place from the
-// padded input. The weight gradient's m is (tap, input channel) and q =
-// (b, i, pair of columns j): A comes from a copy of xpad whose every word
+// padded bfloat16 input. The weight gradient's m is (tap, input channel) and
+// q = (b, i, pair of columns j): A comes from a copy of xpad whose every word
 // holds a pixel's channel with the same channel of its right neighbour.
 // Work is split into tasks over XLA's intra-op thread pool; the caller works
 // too, so a call never waits for a pool thread that is busy elsewhere.
@@ -72,7 +75,16 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
   }
 }
 
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 #if defined(DRDD_TARGET)
+
+bool CpuSupported() {
+  return __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16");
+}
 
 // acc[r, :cols] (+)= sum_s sum_{k < seg_len} A(r, s, k) * B[q], q = s *
 // seg_len + k, with A(r, s, k) the bf16 pair at rows[r] + seg[s] + k * step
@@ -154,39 +166,56 @@ TileFn<Out> PickTile(int mr, int nv) {
   }
 }
 
-// out[2 i] = a[i], out[2 i + 1] = b[i] for i < n; a or b null reads zeros.
-DRDD_TARGET void Interleave(const bf16* a, const bf16* b, int64_t n,
-                            bf16* out) {
-  alignas(64) static constexpr uint16_t kIndex[32] = {
-      0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i index = _mm512_load_si512(kIndex);
+// Up to 16 values from p (lanes outside `mask` zero) as bfloat16, rounded
+// to nearest even.
+DRDD_TARGET __m256i Load16(const bf16* p, __mmask16 mask) {
+  return _mm256_maskz_loadu_epi16(mask, p);
+}
+DRDD_TARGET __m256i Load16(const float* p, __mmask16 mask) {
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, p));
+}
+
+DRDD_TARGET __mmask16 FirstLanes(int64_t n) {
+  return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// dst[i] = src[i] as bfloat16, i < n.
+template <typename T>
+DRDD_TARGET void ToBf16(const T* src, int64_t n, bf16* dst) {
   for (int64_t i = 0; i < n; i += 16) {
-    int left = static_cast<int>(std::min<int64_t>(16, n - i));
-    __mmask16 in = static_cast<__mmask16>((1u << left) - 1);
-    __mmask32 both = static_cast<__mmask32>((uint64_t{1} << (2 * left)) - 1);
-    __m256i va = a ? _mm256_maskz_loadu_epi16(in, a + i) : _mm256_setzero_si256();
-    __m256i vb = b ? _mm256_maskz_loadu_epi16(in, b + i) : _mm256_setzero_si256();
-    __m512i v = _mm512_inserti64x4(_mm512_zextsi256_si512(va), vb, 1);
-    _mm512_mask_storeu_epi16(out + 2 * i, both,
-                             _mm512_permutexvar_epi16(index, v));
+    __mmask16 m = FirstLanes(n - i);
+    _mm256_mask_storeu_epi16(dst + i, m, Load16(src + i, m));
   }
 }
 
-bool CpuSupported() {
-  return __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bf16");
+// out[2 i] = a[i], out[2 i + 1] = b[i] as bfloat16 for i < n; a or b null
+// reads zeros.
+template <typename T>
+DRDD_TARGET void Interleave(const T* a, const T* b, int64_t n, bf16* out) {
+  // Lane 2 i takes lane i of the first operand, lane 2 i + 1 lane i of the
+  // second (index 32 + i).
+  alignas(64) static constexpr uint16_t kIndex[32] = {
+      0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i index = _mm512_load_si512(kIndex);
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 in = FirstLanes(n - i);
+    __mmask32 both = static_cast<__mmask32>(
+        (uint64_t{1} << (2 * std::min<int64_t>(16, n - i))) - 1);
+    __m256i va = a ? Load16(a + i, in) : _mm256_setzero_si256();
+    __m256i vb = b ? Load16(b + i, in) : _mm256_setzero_si256();
+    _mm512_mask_storeu_epi16(
+        out + 2 * i, both,
+        _mm512_permutex2var_epi16(_mm512_castsi256_si512(va), index,
+                                  _mm512_castsi256_si512(vb)));
+  }
 }
 
-#else  // not x86-64
+#else  // not x86-64: CpuSupported() is false and no handler computes.
 
 bool CpuSupported() { return false; }
 
 #endif
-
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Column blocks of the output (kCols wide, the last one narrower) and where
 // each one's packed B starts, for B with `pairs` rows of pairs.
@@ -218,10 +247,21 @@ struct Geometry {
   int64_t wo() const { return wp() - kw + 1; }
 };
 
-ffi::Error Check(const Geometry& g) {
+bool Float(const ffi::AnyBuffer& a) {
+  return a.element_type() == ffi::DataType::F32 ||
+         a.element_type() == ffi::DataType::BF16;
+}
+
+ffi::Error Check(const Geometry& g, std::initializer_list<const ffi::AnyBuffer*> bufs) {
   if (!CpuSupported()) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                       "drdd_bf16_conv needs a CPU with AVX512-BF16.");
+  }
+  for (const ffi::AnyBuffer* b : bufs) {
+    if (!Float(*b) || b->dimensions().size() != 4) {
+      return ffi::Error::InvalidArgument(
+          "drdd_bf16_conv: operands must be float32 or bfloat16, rank 4.");
+    }
   }
   if (std::min({g.top, g.bottom, g.left, g.right}) < 0 || g.ho() < 1 ||
       g.wo() < 1) {
@@ -231,51 +271,80 @@ ffi::Error Check(const Geometry& g) {
   return ffi::Error::Success();
 }
 
-// x [B, H, W, C] into xpad [B, Hp, Wp, Cp] with zero borders (Cp = C
-// rounded up to even); the padded rows run as tasks.
-void Pad(ffi::ThreadPool& pool, const Geometry& g, const bf16* x,
-         int64_t cp, bf16* xpad) {
+#if defined(DRDD_TARGET)
+
+// x [B, H, W, C] into xpad [B, Hp, Wp, Cp] bfloat16 with zero borders (Cp =
+// C rounded up to even); the padded rows run as tasks.
+template <typename T>
+void Pad(ffi::ThreadPool& pool, const Geometry& g, const T* x, int64_t cp,
+         bf16* xpad) {
   const int64_t hp = g.hp(), wp = g.wp(), c = g.channels;
   ParallelFor(pool, g.batch * hp, [&](int64_t row) {
     int64_t b = row / hp, h = row % hp - g.top;
     bf16* dst = xpad + row * wp * cp;
-    std::memset(dst, 0, wp * cp * sizeof(bf16));
-    if (h < 0 || h >= g.height) return;
-    const bf16* src = x + (b * g.height + h) * g.width * c;
+    if (h < 0 || h >= g.height) {
+      std::memset(dst, 0, wp * cp * sizeof(bf16));
+      return;
+    }
+    const T* src = x + (b * g.height + h) * g.width * c;
+    std::memset(dst, 0, g.left * cp * sizeof(bf16));
+    std::memset(dst + (g.left + g.width) * cp, 0, g.right * cp * sizeof(bf16));
     if (cp == c) {
-      std::memcpy(dst + g.left * cp, src, g.width * c * sizeof(bf16));
+      ToBf16(src, g.width * c, dst + g.left * cp);
     } else {
       for (int64_t j = 0; j < g.width; ++j) {
-        std::memcpy(dst + (g.left + j) * cp, src + j * c, c * sizeof(bf16));
+        bf16* d = dst + (g.left + j) * cp;
+        ToBf16(src + j * c, c, d);
+        d[c] = 0;
       }
     }
   });
 }
 
-ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
-                    ffi::Buffer<ffi::BF16, 4> w,
-                    ffi::ResultBuffer<ffi::BF16, 4> y, int64_t pad_top,
-                    int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1],
-             pad_top, pad_bottom, pad_left, pad_right};
-  if (ffi::Error e = Check(g); e.failure()) return e;
-  const int64_t out_ch = wd[3];
-  if (wd[2] != g.channels || yd[0] != g.batch || yd[1] != g.ho() ||
-      yd[2] != g.wo() || yd[3] != out_ch) {
-    return ffi::Error::InvalidArgument("drdd_bf16_conv: shapes disagree.");
-  }
-#if defined(DRDD_TARGET)
+// B of the convolution: [column block][tap][channel pair][nv * 16][2], from
+// w [kh, kw, C, O], or with `transpose` from w [kh, kw, O, C] flipped.
+template <typename T>
+void PackKernel(ffi::ThreadPool& pool, const T* w, const Geometry& g,
+                int64_t out_ch, bool transpose, const ColumnBlocks& blocks,
+                bf16* packed) {
+  const int64_t c = g.channels, pairs = CeilDiv(c, 2), taps = g.kh * g.kw;
+  ParallelFor(pool, blocks.blocks.size() * taps, [&](int64_t task) {
+    const auto& blk = blocks.blocks[task / taps];
+    int64_t t = task % taps, width = blk.nv * 16;
+    bf16* dst = packed + blk.offset + t * pairs * width * 2;
+    std::memset(dst, 0, pairs * width * 2 * sizeof(bf16));
+    if (!transpose) {
+      for (int64_t k = 0; k < c; k += 2, dst += width * 2) {
+        const T* src = w + (t * c + k) * out_ch + blk.start;
+        Interleave(src, k + 1 < c ? src + out_ch : nullptr, blk.cols, dst);
+      }
+      return;
+    }
+    // Pair q of column col is w[flipped tap, blk.start + col, 2q : 2q + 2].
+    const T* src = w + ((taps - 1 - t) * out_ch + blk.start) * c;
+    std::vector<bf16> row(2 * pairs, 0);
+    for (int col = 0; col < blk.cols; ++col, src += c) {
+      ToBf16(src, c, row.data());
+      for (int64_t q = 0; q < pairs; ++q) {
+        std::memcpy(dst + q * width * 2 + 2 * col, row.data() + 2 * q, 4);
+      }
+    }
+  });
+}
+
+template <typename T, typename Out>
+void Conv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const void* w,
+          bool w_f32, int64_t out_ch, bool transpose, Out* y) {
   const int64_t c = g.channels, cp = c + (c & 1), pairs = cp / 2;
   const int64_t hp = g.hp(), wp = g.wp(), ho = g.ho(), wo = g.wo();
   const int64_t taps = g.kh * g.kw;
 
-  // A: the input itself when no padding is needed.
-  const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
+  // A: the bfloat16 input itself when no padding is needed.
+  const bf16* xs = reinterpret_cast<const bf16*>(x);
   std::vector<bf16> padded;
-  if (g.top || g.bottom || g.left || g.right || cp != c) {
+  if (sizeof(T) != 2 || g.top || g.bottom || g.left || g.right || cp != c) {
     padded.resize(g.batch * hp * wp * cp);
-    Pad(pool, g, xs, cp, padded.data());
+    Pad(pool, g, x, cp, padded.data());
     xs = padded.data();
   }
   std::vector<int64_t> seg(taps);
@@ -283,25 +352,19 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
     seg[t] = ((t / g.kw) * wp + t % g.kw) * cp;
   }
 
-  // B: w as [column block][tap][channel pair][nv * 16][2].
   ColumnBlocks blocks(out_ch, taps * pairs);
   std::vector<bf16> packed(blocks.size);
-  const bf16* ws = reinterpret_cast<const bf16*>(w.typed_data());
-  ParallelFor(pool, blocks.blocks.size() * taps, [&](int64_t task) {
-    const auto& blk = blocks.blocks[task / taps];
-    int64_t t = task % taps, width = blk.nv * 16;
-    bf16* dst = packed.data() + blk.offset + t * pairs * width * 2;
-    std::memset(dst, 0, pairs * width * 2 * sizeof(bf16));
-    for (int64_t k = 0; k < c; k += 2, dst += width * 2) {
-      const bf16* src = ws + (t * c + k) * out_ch + blk.start;
-      Interleave(src, k + 1 < c ? src + out_ch : nullptr, blk.cols, dst);
-    }
-  });
+  if (w_f32) {
+    PackKernel(pool, static_cast<const float*>(w), g, out_ch, transpose,
+               blocks, packed.data());
+  } else {
+    PackKernel(pool, static_cast<const bf16*>(w), g, out_ch, transpose,
+               blocks, packed.data());
+  }
 
   const int64_t pixels = g.batch * ho * wo;
   const int64_t chunk = kTileGroup * kRows;
   const int64_t chunks = CeilDiv(pixels, chunk);
-  bf16* ys = reinterpret_cast<bf16*>(y->typed_data());
   // Consecutive tasks share a column block: its packed B stays in cache.
   ParallelFor(pool, blocks.blocks.size() * chunks, [&](int64_t task) {
     const auto& blk = blocks.blocks[task / chunks];
@@ -313,38 +376,22 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
         int64_t p = m + r, b = p / (ho * wo), i = p / wo % ho, j = p % wo;
         rows[r] = xs + ((b * hp + i) * wp + j) * cp;
       }
-      PickTile<false, bf16>(mr, blk.nv)(
+      PickTile<false, Out>(mr, blk.nv)(
           rows, seg.data(), taps, pairs, 2, packed.data() + blk.offset,
-          ys + m * out_ch + blk.start, out_ch, blk.cols);
+          y + m * out_ch + blk.start, out_ch, blk.cols);
     }
   });
-#endif
-  return ffi::Error::Success();
 }
 
-ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
-                          ffi::Buffer<ffi::BF16, 4> gy,
-                          ffi::ResultBuffer<ffi::F32, 4> dw, int64_t pad_top,
-                          int64_t pad_bottom, int64_t pad_left,
-                          int64_t pad_right) {
-  auto xd = x.dimensions(), gd = gy.dimensions(), dd = dw->dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], dd[0], dd[1],
-             pad_top, pad_bottom, pad_left, pad_right};
-  if (ffi::Error e = Check(g); e.failure()) return e;
-  const int64_t out_ch = gd[3];
-  if (dd[2] != g.channels || dd[3] != out_ch || gd[0] != g.batch ||
-      gd[1] != g.ho() || gd[2] != g.wo()) {
-    return ffi::Error::InvalidArgument(
-        "drdd_bf16_conv_wgrad: shapes disagree.");
-  }
-#if defined(DRDD_TARGET)
+template <typename TX, typename TG>
+void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
+                const TG* gy, int64_t out_ch, float* dw) {
   const int64_t c = g.channels, hp = g.hp(), wp = g.wp();
   const int64_t ho = g.ho(), wo = g.wo(), wo2 = CeilDiv(wo, 2);
   const int64_t taps = g.kh * g.kw;
 
   // A: xpad with each channel paired with its right neighbour's,
   // [B, Hp, Wp, C, 2].
-  const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
   std::vector<bf16> xpair(g.batch * hp * wp * c * 2);
   ParallelFor(pool, g.batch * hp, [&](int64_t row) {
     int64_t b = row / hp, h = row % hp - g.top;
@@ -353,7 +400,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
       std::memset(dst, 0, wp * c * 2 * sizeof(bf16));
       return;
     }
-    const bf16* src = xs + (b * g.height + h) * g.width * c;
+    const TX* src = x + (b * g.height + h) * g.width * c;
     auto pixel = [&](int64_t j) {
       j -= g.left;
       return j >= 0 && j < g.width ? src + j * c : nullptr;
@@ -368,14 +415,13 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
   const int64_t segments = g.batch * ho, pairs = segments * wo2;
   ColumnBlocks blocks(out_ch, pairs);
   std::vector<bf16> packed(blocks.size);
-  const bf16* gs = reinterpret_cast<const bf16*>(gy.typed_data());
   ParallelFor(pool, blocks.blocks.size() * segments, [&](int64_t task) {
     const auto& blk = blocks.blocks[task / segments];
     int64_t s = task % segments, width = blk.nv * 16;
     bf16* dst = packed.data() + blk.offset + s * wo2 * width * 2;
     if (blk.cols < width) std::memset(dst, 0, wo2 * width * 2 * sizeof(bf16));
     for (int64_t j = 0; j < wo; j += 2, dst += width * 2) {
-      const bf16* src = gs + (s * wo + j) * out_ch + blk.start;
+      const TG* src = gy + (s * wo + j) * out_ch + blk.start;
       Interleave(src, j + 1 < wo ? src + out_ch : nullptr, blk.cols, dst);
     }
   });
@@ -389,7 +435,6 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
   const int64_t chunk = kTileGroup * kRows;
   const int64_t chunks = CeilDiv(rows_total, chunk);
   const int64_t seg_block = std::max<int64_t>(1, kPairsPerBlock / wo2);
-  float* out = dw->typed_data();
   ParallelFor(pool, blocks.blocks.size() * chunks, [&](int64_t task) {
     const auto& blk = blocks.blocks[task / chunks];
     int64_t m_begin = (task % chunks) * chunk;
@@ -408,37 +453,114 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16, 4> x,
         auto tile = s0 ? PickTile<true, float>(mr, blk.nv)
                        : PickTile<false, float>(mr, blk.nv);
         tile(rows, seg.data() + s0, ns, wo2, 4 * c, b,
-             out + m * out_ch + blk.start, out_ch, blk.cols);
+             dw + m * out_ch + blk.start, out_ch, blk.cols);
       }
     }
   });
+}
+
+#endif  // DRDD_TARGET
+
+bool IsF32(const ffi::AnyBuffer& a) {
+  return a.element_type() == ffi::DataType::F32;
+}
+
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                    ffi::Result<ffi::AnyBuffer> y, int64_t pad_top,
+                    int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                    int64_t transpose_kernel) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4) {
+    return ffi::Error::InvalidArgument("drdd_bf16_conv: rank 4 operands.");
+  }
+  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1],
+             pad_top, pad_bottom, pad_left, pad_right};
+  if (ffi::Error e = Check(g, {&x, &w, &*y}); e.failure()) return e;
+  const bool transpose = transpose_kernel != 0;
+  const int64_t in_ch = transpose ? wd[3] : wd[2];
+  const int64_t out_ch = transpose ? wd[2] : wd[3];
+  if (in_ch != g.channels || yd[0] != g.batch || yd[1] != g.ho() ||
+      yd[2] != g.wo() || yd[3] != out_ch) {
+    return ffi::Error::InvalidArgument("drdd_bf16_conv: shapes disagree.");
+  }
+#if defined(DRDD_TARGET)
+  const void* ws = w.untyped_data();
+  void* ys = y->untyped_data();
+  const bool wf = IsF32(w);
+  if (IsF32(x) && IsF32(*y)) {
+    Conv(pool, g, static_cast<const float*>(x.untyped_data()), ws, wf, out_ch,
+         transpose, static_cast<float*>(ys));
+  } else if (IsF32(x)) {
+    Conv(pool, g, static_cast<const float*>(x.untyped_data()), ws, wf, out_ch,
+         transpose, static_cast<bf16*>(ys));
+  } else if (IsF32(*y)) {
+    Conv(pool, g, static_cast<const bf16*>(x.untyped_data()), ws, wf, out_ch,
+         transpose, static_cast<float*>(ys));
+  } else {
+    Conv(pool, g, static_cast<const bf16*>(x.untyped_data()), ws, wf, out_ch,
+         transpose, static_cast<bf16*>(ys));
+  }
+#endif
+  return ffi::Error::Success();
+}
+
+ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                          ffi::AnyBuffer gy, ffi::Result<ffi::AnyBuffer> dw,
+                          int64_t pad_top, int64_t pad_bottom,
+                          int64_t pad_left, int64_t pad_right) {
+  auto xd = x.dimensions(), gd = gy.dimensions(), dd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || dd.size() != 4) {
+    return ffi::Error::InvalidArgument("drdd_bf16_conv_wgrad: rank 4 operands.");
+  }
+  Geometry g{xd[0], xd[1], xd[2], xd[3], dd[0], dd[1],
+             pad_top, pad_bottom, pad_left, pad_right};
+  if (ffi::Error e = Check(g, {&x, &gy}); e.failure()) return e;
+  const int64_t out_ch = gd[3];
+  if (!IsF32(*dw) || dd[2] != g.channels || dd[3] != out_ch ||
+      gd[0] != g.batch || gd[1] != g.ho() || gd[2] != g.wo()) {
+    return ffi::Error::InvalidArgument(
+        "drdd_bf16_conv_wgrad: shapes disagree or dw is not float32.");
+  }
+#if defined(DRDD_TARGET)
+  float* out = static_cast<float*>(dw->untyped_data());
+  const void *xs = x.untyped_data(), *gs = gy.untyped_data();
+  if (IsF32(x) && IsF32(gy)) {
+    WeightGrad(pool, g, static_cast<const float*>(xs),
+               static_cast<const float*>(gs), out_ch, out);
+  } else if (IsF32(x)) {
+    WeightGrad(pool, g, static_cast<const float*>(xs),
+               static_cast<const bf16*>(gs), out_ch, out);
+  } else if (IsF32(gy)) {
+    WeightGrad(pool, g, static_cast<const bf16*>(xs),
+               static_cast<const float*>(gs), out_ch, out);
+  } else {
+    WeightGrad(pool, g, static_cast<const bf16*>(xs),
+               static_cast<const bf16*>(gs), out_ch, out);
+  }
 #endif
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-// Template arguments with commas cannot go through the macro.
-using Bf16Array = ffi::Buffer<ffi::BF16, 4>;
-using F32Array = ffi::Buffer<ffi::F32, 4>;
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddBf16Conv, ConvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<Bf16Array>()
-                                  .Arg<Bf16Array>()
-                                  .Ret<Bf16Array>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_bottom")
                                   .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
+                                  .Attr<int64_t>("pad_right")
+                                  .Attr<int64_t>("transpose_kernel"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddBf16ConvWeightGrad, WeightGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<Bf16Array>()
-                                  .Arg<Bf16Array>()
-                                  .Ret<F32Array>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_bottom")
                                   .Attr<int64_t>("pad_left")

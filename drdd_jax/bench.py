@@ -8,9 +8,9 @@
 
 Prints one JSON object per case, then a table. Cases:
 - `calibration`: a plain 3x3 convolution (128 -> 128 channels, 64x64, batch
-  8) in the config's compute dtype, as the network runs it (`unet.conv`: on
-  `bf16_conv`'s kernels where they run); its FLOP/s is what the other cases
-  are compared with.
+  8) in the config's compute dtype and convolution precision, as the network
+  runs it (`unet.conv`: on `bf16_conv`'s kernels where they run); its
+  FLOP/s is what the other cases are compared with.
 - `train`: `train.make_train_step` + `jit_train_step` on synthetic uint8
   batches (`--batch` pairs and as many noise targets), one step per dispatch.
   `time_s_*` wait for each step; `train_step_s_pipelined` is the mean over
@@ -26,8 +26,8 @@ Prints one JSON object per case, then a table. Cases:
 for CPU with XLA's convolutions, so it is the same number on every backend:
 accelerator compilers hide convolutions in library calls, and `bf16_conv` in
 custom calls, that cost analysis does not count). Records say which compute
-dtype they measured (`compute_dtype`) and whether `bf16_conv`'s kernels ran
-(`bf16_conv`).
+dtype and convolution precision they measured (`compute_dtype`,
+`conv_precision`) and whether `bf16_conv`'s kernels ran (`bf16_conv`).
 On an accelerator whose bf16 dense peak is known (`PEAK_BF16_TFLOPS`),
 `model_flops_utilization` is the achieved FLOP/s over that peak.
 
@@ -111,12 +111,16 @@ def _xla_convs():
   return 'eigen' if _EIGEN_CONVS.value else 'ynnpack'
 
 
-def _dtype_fields(dtype) -> dict:
-  """The record's compute dtype, and whether `bf16_conv`'s kernels ran."""
+def _dtype_fields(config) -> dict:
+  """The record's compute dtype, convolution precision, and whether
+  `bf16_conv`'s kernels ran."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from drdd_jax import bf16_conv  # pylint: disable=g-import-not-at-top
+  from drdd_jax import bf16_conv, train  # pylint: disable=g-import-not-at-top
+  dtype, precision = train.compute_dtype(config), train.conv_precision(config)
   return dict(compute_dtype=dtype.name,
-              bf16_conv=dtype == jnp.bfloat16 and bf16_conv.enabled())
+              conv_precision=precision.name if precision else 'default',
+              bf16_conv=bool(jnp.bfloat16 in (dtype, precision)
+                             and bf16_conv.enabled()))
 
 
 def _cpu_s() -> float:
@@ -268,10 +272,12 @@ def bench_calibration(config, n: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
   b, s, c = (CALIBRATION[k] for k in ('batch', 'image_size', 'channels'))
-  dtype = train.compute_dtype(config)
-  x = jax.random.normal(jax.random.key(0), (b, s, s, c)).astype(dtype)
-  w = (jax.random.normal(jax.random.key(1), (3, 3, c, c)) * 0.03).astype(dtype)
-  conv = jax.jit(unet.conv, compiler_options=_compiler_options())
+  x = jax.random.normal(jax.random.key(0), (b, s, s, c)).astype(
+      train.compute_dtype(config))
+  w = jax.random.normal(jax.random.key(1), (3, 3, c, c)) * 0.03
+  conv = jax.jit(lambda x, w: unet.conv(
+      x, w, precision=train.conv_precision(config)),
+                 compiler_options=_compiler_options())
   t0 = time.perf_counter()
   compiled = conv.lower(x, w).compile()
   compile_s = time.perf_counter() - t0
@@ -279,7 +285,7 @@ def bench_calibration(config, n: int) -> dict:
   return _record('calibration', image_size=s, batch=b, wall=wall, cpu=cpu,
                  compile_s=compile_s, flops=2.0 * b * s * s * c * c * 9,
                  images_per_call=b, fraction_of_calibration=1.0,
-                 xla_convs=_xla_convs(), **_dtype_fields(dtype))
+                 xla_convs=_xla_convs(), **_dtype_fields(config))
 
 
 def _synthetic_batch(batch: int, noise_batch: int, size: int):
@@ -355,7 +361,7 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
                                   train.global_batch(one_batch, mesh), rng),
                 images_per_call=batch + noise_batch, noise_batch=noise_batch,
                 steps_per_dispatch=k,
-                **_dtype_fields(train.compute_dtype(config)),
+                **_dtype_fields(config),
                 remat=bool(config.model.remat),
                 microbatches=config.training.microbatches,
                 xla_convs=_xla_convs(),
@@ -402,7 +408,7 @@ def bench_sample(config, size: int, n: int) -> dict:
                 compile_s=compile_s,
                 flops=calls * model_flops(one_call, params, y),
                 images_per_call=1, network_calls=calls,
-                **_dtype_fields(train.compute_dtype(config)),
+                **_dtype_fields(config),
                 xla_convs='eigen' if jax.default_backend() == 'cpu' else None)
   rec['profile_top_ops'] = _profile(call, f'sample_{size}')
   rec['sample_s_per_image'] = rec['time_s_median']

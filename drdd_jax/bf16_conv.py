@@ -1,12 +1,13 @@
-"""bfloat16 convolutions on CPUs with AVX512-BF16 (an XLA FFI library).
+"""Convolutions with bfloat16 products on CPUs with AVX512-BF16 (XLA FFI).
 
 XLA:CPU computes bfloat16 convolutions in float32, no faster than float32
 convolutions. `csrc/bf16_conv.cc` computes them with the CPU's bfloat16 dot
 product instruction (VDPBF16PS: twice the arithmetic of a float32 FMA), as
-XLA FFI custom calls: the convolution (bfloat16 out, float32 accumulation)
-and its weight gradient (float32 out). `pip install` builds it as
-`drdd_jax/_bf16_conv*.so` where a C++ compiler is found; `unet.conv` uses it
-for bfloat16 convolutions when `enabled()`.
+XLA FFI custom calls: the convolution (also its input gradient) and its
+weight gradient, on float32 or bfloat16 operands rounded to bfloat16, with
+float32 sums. `pip install` builds it as `drdd_jax/_bf16_conv*.so` where a
+C++ compiler is found; `unet.conv` uses it where `enabled()`, for bfloat16
+activations and for float32 ones with `precision=jnp.bfloat16`.
 """
 import contextlib
 import ctypes
@@ -67,32 +68,44 @@ def disabled():
     _DISABLED.pop()
 
 
-def _pads(padding):
+def _attrs(padding, **extra):
   (top, bottom), (left, right) = padding
   return dict(pad_top=np.int64(top), pad_bottom=np.int64(bottom),
-              pad_left=np.int64(left), pad_right=np.int64(right))
+              pad_left=np.int64(left), pad_right=np.int64(right),
+              **{k: np.int64(v) for k, v in extra.items()})
 
 
-def conv(x, w, padding):
-  """Stride-1 NHWC convolution of bfloat16 `x` [B, H, W, I] with `w`
-  [kh, kw, I, O], zero `padding` ((top, bottom), (left, right)); bfloat16
-  out, accumulated in float32."""
+def conv(x, w, padding, transpose_kernel: bool = False, out_dtype=None):
+  """Stride-1 NHWC convolution, operands rounded to bfloat16, float32 sums.
+
+  Args:
+    x: [B, H, W, I], float32 or bfloat16.
+    w: [kh, kw, I, O], float32 or bfloat16; with `transpose_kernel`, the
+      kernel [kh, kw, O, I] of the convolution whose input gradient this is
+      (used flipped, with I and O swapped).
+    padding: ((top, bottom), (left, right)) zeros around x.
+    out_dtype: float32 or bfloat16 (default: x's).
+
+  Returns:
+    [B, H + top + bottom - kh + 1, W + left + right - kw + 1, O].
+  """
   _library()
   (top, bottom), (left, right) = padding
   b, h, wd, _ = x.shape
-  kh, kw, _, o = w.shape
+  kh, kw = w.shape[:2]
+  o = w.shape[2 if transpose_kernel else 3]
   out = jax.ShapeDtypeStruct(
       (b, h + top + bottom - kh + 1, wd + left + right - kw + 1, o),
-      jnp.bfloat16)
+      out_dtype or x.dtype)
   return jax.ffi.ffi_call('drdd_bf16_conv', out)(
-      x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), **_pads(padding))
+      x, w, **_attrs(padding, transpose_kernel=transpose_kernel))
 
 
 def conv_weight_gradient(x, g, kernel_size, padding):
   """The gradient of `conv(x, w, padding)` for `w` [kh, kw, I, O], given
-  the output's cotangent `g`; float32."""
+  the output's cotangent `g` (float32 or bfloat16); float32."""
   _library()
   kh, kw = kernel_size
   out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], g.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call('drdd_bf16_conv_wgrad', out)(
-      x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), **_pads(padding))
+      x, g, **_attrs(padding))

@@ -64,6 +64,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   need(t.compute_dtype in ('auto', 'float32', 'bfloat16'),
        'training.compute_dtype', t.compute_dtype,
        "must be 'auto', 'float32' or 'bfloat16'.")
+  need(t.conv_precision in ('auto', 'default', 'bfloat16'),
+       'training.conv_precision', t.conv_precision,
+       "must be 'auto', 'default' or 'bfloat16'.")
   need(d.method in ('drdd', 'rddm'), 'diffusion.method', d.method,
        "must be 'drdd' or 'rddm'.")
   need(d.noise_condition in ('null', 'input'), 'diffusion.noise_condition',
@@ -82,17 +85,27 @@ def noise_batch_size(config) -> int:
 
 
 def compute_dtype(config):
-  """`training.compute_dtype`; 'auto' is bfloat16 where that is faster.
-
-  On TPU and GPU; on CPU where `bf16_conv.enabled()` (AVX512-BF16, one
-  device). XLA:CPU's own bfloat16 convolutions are no faster than float32
-  (docs/performance.md), so other CPUs keep float32.
-  """
+  """`training.compute_dtype`; 'auto' is bfloat16 on TPU and GPU, float32 on
+  CPU (XLA:CPU runs bfloat16 elementwise work 2-3x slower than float32)."""
   name = config.training.compute_dtype
   if name == 'auto':
-    fast = jax.default_backend() != 'cpu' or bf16_conv.enabled()
-    name = 'bfloat16' if fast else 'float32'
+    name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
   return jnp.dtype(name)
+
+
+def conv_precision(config):
+  """`training.conv_precision` as `unet.conv`'s precision: None, or bfloat16
+  (float32 convolutions with bfloat16 products).
+
+  'auto' is bfloat16 for float32 compute where `bf16_conv`'s kernels run
+  (CPUs with AVX512-BF16, one device: 2x the convolutions' speed), else
+  None.
+  """
+  name = config.training.conv_precision
+  if name == 'auto':
+    fast = compute_dtype(config) == jnp.float32 and bf16_conv.enabled()
+    name = 'bfloat16' if fast else 'default'
+  return None if name == 'default' else jnp.dtype(name)
 
 
 # ------------------------------------------------------- mesh & sharding ---
@@ -243,7 +256,7 @@ def apply_gradients(config, state: TrainState, grads, grad_norm,
 
 def create_model(config):
   return unet.create_model(config.model, config.diffusion.method,
-                           compute_dtype(config))
+                           compute_dtype(config), conv_precision(config))
 
 
 def make_schedule(config) -> schedules.Schedule:
@@ -471,10 +484,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   tx = make_optimizer(config)
   sched = make_schedule(config)
   state, shardings = create_train_state(config, model, tx, mesh)
-  logging.info('Model: %s parameters (%s network%s), compute dtype %s.',
+  logging.info('Model: %s parameters (%s network%s), compute dtype %s%s.',
                f'{unet.count_params(state.params):,}',
                'one shared' if config.model.shared else 'two',
-               '' if config.model.shared else 's', compute_dtype(config).name)
+               '' if config.model.shared else 's', compute_dtype(config).name,
+               ', convolutions with bfloat16 products'
+               if conv_precision(config) else '')
 
   # Checkpoint.
   manager = checkpoints.create_manager(workdir, t)

@@ -27,18 +27,23 @@ _torch_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 Dtype = Any
 
 
-def conv(x, w, padding=None):
+def conv(x, w, padding=None, precision=None):
   """Stride-1 convolution: [B, H, W, I] x [kh, kw, I, O] -> [B, H', W', O].
 
-  `padding` is `((top, bottom), (left, right))` zeros, by default 'SAME'
-  (odd kernels). On CPU its gradient is written out as two convolutions in
-  the dimension order that XLA:CPU runs on Eigen. jax's own gradient
-  convolutions use other orders, which XLA:CPU rearranges only in a
-  program's top level, so inside a `lax.scan` (K train steps per dispatch,
-  microbatches) they ran as generic loops, ~30x slower
-  (`benchmarks/xla_cpu_loops.py`); so did an even kernel's weight gradient
-  at the top level. The gradient is the same computation
-  (tests/test_unet.py). bfloat16 convolutions and their gradients run on
+  Computed in `x`'s dtype (`w` is cast to it). `padding` is `((top,
+  bottom), (left, right))` zeros, by default 'SAME' (odd kernels). With
+  `precision=jnp.bfloat16`, float32 operands are rounded to bfloat16 for the
+  products, here and in the gradients, and summed in float32, as TPUs
+  compute float32 convolutions by default.
+
+  On CPU the gradient is written out as two convolutions in the dimension
+  order that XLA:CPU runs on Eigen. jax's own gradient convolutions use
+  other orders, which XLA:CPU rearranges only in a program's top level, so
+  inside a `lax.scan` (K train steps per dispatch, microbatches) they ran as
+  generic loops, ~30x slower (`benchmarks/xla_cpu_loops.py`); so did an even
+  kernel's weight gradient at the top level. The gradient is the same
+  computation (tests/test_unet.py). Convolutions with bfloat16 products
+  (bfloat16 `x`, or `precision=jnp.bfloat16`) and their gradients run on
   `bf16_conv`'s kernels where `bf16_conv.enabled()`.
   """
   kh, kw = w.shape[:2]
@@ -47,10 +52,12 @@ def conv(x, w, padding=None):
       raise ValueError(f"'SAME' needs odd kernel sizes, got {(kh, kw)}.")
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
   padding = tuple(tuple(p) for p in padding)
-  if jax.default_backend() == 'cpu':
-    kernels = (x.dtype == w.dtype == jnp.bfloat16) and bf16_conv.enabled()
-    return _cpu_conv(x, w, padding, kernels)
-  return _lax_conv(x, w, padding)
+  rounded = (precision is not None and jnp.dtype(precision) == jnp.bfloat16
+             and x.dtype != jnp.bfloat16)
+  if jax.default_backend() == 'cpu' or rounded:
+    kernels = (rounded or x.dtype == jnp.bfloat16) and bf16_conv.enabled()
+    return _conv(x, w, padding, kernels, rounded and not kernels)
+  return _lax_conv(x, w.astype(x.dtype), padding)
 
 
 def _lax_conv(x, w, padding):
@@ -58,32 +65,42 @@ def _lax_conv(x, w, padding):
       x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _conv_on(x, w, padding, kernels: bool):
-  return (bf16_conv.conv if kernels else _lax_conv)(x, w, padding)
+def _bf16_rounded(*xs):
+  return tuple(x.astype(jnp.bfloat16).astype(x.dtype) for x in xs)
 
 
-# `kernels` is static, so traces with and without the kernels never share a
-# cache entry.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _cpu_conv(x, w, padding, kernels):
-  return _conv_on(x, w, padding, kernels)
+# `kernels` (bf16_conv's) and `rounded` (operands rounded to bfloat16 for
+# XLA's convolutions) are static: traces with and without them never share
+# a cache entry.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, padding, kernels, rounded):
+  if kernels:
+    return bf16_conv.conv(x, w, padding)
+  if rounded:
+    x, w = _bf16_rounded(x, w)
+  return _lax_conv(x, w.astype(x.dtype), padding)
 
 
-def _cpu_conv_fwd(x, w, padding, kernels):
-  return _conv_on(x, w, padding, kernels), (x, w)
+def _conv_fwd(x, w, padding, kernels, rounded):
+  return _conv(x, w, padding, kernels, rounded), (x, w)
 
 
-def _cpu_conv_bwd(padding, kernels, saved, g):
+def _conv_bwd(padding, kernels, rounded, saved, g):
   x, w = saved
   kh, kw = w.shape[:2]
   (top, bottom), (left, right) = padding
   # dx: g convolved with the flipped kernel, its in/out channels swapped.
-  dx = _conv_on(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2),
-                ((kh - 1 - top, kh - 1 - bottom),
-                 (kw - 1 - left, kw - 1 - right)), kernels)
+  dx_padding = ((kh - 1 - top, kh - 1 - bottom),
+                (kw - 1 - left, kw - 1 - right))
   if kernels:
+    dx = bf16_conv.conv(g, w, dx_padding, transpose_kernel=True,
+                        out_dtype=x.dtype)
     dw = bf16_conv.conv_weight_gradient(x, g, (kh, kw), padding)
     return dx, dw.astype(w.dtype)
+  if rounded:
+    x, w, g = _bf16_rounded(x, w, g)
+  dx = _lax_conv(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype),
+                 dx_padding)
   # dw[a, b, i, o] = sum over n, h, w of x[n, h + a - top, w + b - left, i]
   # * g[n, h, w, o]: x padded, as [I, H, W, N], convolved with g as an
   # [H', W', N, O] kernel gives dw as [I, kh, kw, O]. XLA:CPU rewrote that
@@ -96,10 +113,10 @@ def _cpu_conv_bwd(padding, kernels, saved, g):
     x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     padding = ((0, 0), (0, 0))
   dw = _lax_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), padding)
-  return dx, dw.transpose(1, 2, 0, 3)
+  return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
 
 
-_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 # Row p of _PHASE_TAPS[a] sums the 3x3 kernel's rows that read input row
 # i - 1 + a + p for output row 2i + a of a nearest-neighbour 2x upsampling.
@@ -107,8 +124,9 @@ _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
                         [[1, 1, 0], [0, 0, 1]]], np.float32)
 
 
-def upsample_conv(x, w):
-  """`conv(x upsampled 2x by nearest neighbour, w)` for a 3x3 kernel `w`.
+def upsample_conv(x, w, precision=None):
+  """`conv(x upsampled 2x by nearest neighbour, w, precision=precision)`
+  for a 3x3 kernel `w`.
 
   Computed at the input's resolution: output pixel (2i + a, 2j + b) sees
   only input rows i - 1 + a, i + a and columns j - 1 + b, j + b, so each of
@@ -119,7 +137,8 @@ def upsample_conv(x, w):
 
   Args:
     x: [B, H, W, I].
-    w: [3, 3, I, O] (float32; the phase kernels are cast to `x.dtype`).
+    w: [3, 3, I, O].
+    precision: as for `conv`.
 
   Returns:
     [B, 2H, 2W, O].
@@ -127,8 +146,7 @@ def upsample_conv(x, w):
   b, h, wd, _ = x.shape
   out = w.shape[-1]
   taps = jnp.einsum('apr,bqs,rsio->pqiabo', _PHASE_TAPS, _PHASE_TAPS, w)
-  y = conv(x, taps.reshape(2, 2, -1, 4 * out).astype(x.dtype),
-           ((1, 1), (1, 1)))
+  y = conv(x, taps.reshape(2, 2, -1, 4 * out), ((1, 1), (1, 1)), precision)
   y = y.reshape(b, h + 1, wd + 1, 2, 2, out)
   # Phase (a, b) at input pixel (i, j) is y[i + a, j + b, a, b].
   rows = [jnp.stack([y[:, a:a + h, c:c + wd, a, c] for c in (0, 1)], axis=3)
@@ -212,13 +230,14 @@ class Conv(nn.Module):
   """k x k 'SAME' convolution (stride 1) with `nn.Conv`'s parameters.
 
   With `upsample`, the convolution of the input upsampled 2x by nearest
-  neighbour (3x3 kernels; `upsample_conv`).
+  neighbour (3x3 kernels; `upsample_conv`). `precision` as for `conv`.
   """
   features: int
   kernel_size: int
   dtype: Dtype = jnp.float32
   use_bias: bool = True
   upsample: bool = False
+  precision: Optional[Dtype] = None
 
   def prepare_kernel(self, w):
     return w
@@ -234,8 +253,8 @@ class Conv(nn.Module):
     w = self.param('kernel', _torch_init, (k, k, x.shape[-1], self.features))
     w = self.prepare_kernel(w)
     x = x.astype(self.dtype)
-    y = (upsample_conv(x, w) if self.upsample
-         else conv(x, w.astype(self.dtype)))
+    y = (upsample_conv(x, w, self.precision) if self.upsample
+         else conv(x, w, precision=self.precision))
     if not self.use_bias:
       return y
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
@@ -329,25 +348,28 @@ class ResBlock(nn.Module):
   features: int
   groups: int
   dtype: Dtype = jnp.float32
+  precision: Optional[Dtype] = None  # of the convolutions, as for `conv`
 
   @nn.compact
   def __call__(self, x, temb):
     ss = nn.Dense(2 * self.features, dtype=self.dtype, kernel_init=_torch_init)(
         nn.silu(temb))
     film = jnp.split(ss[:, None, None, :], 2, axis=-1)
-    h, bias = WSConv(self.features, dtype=self.dtype)(x, add_bias=False)
+    ws_conv = functools.partial(WSConv, self.features, dtype=self.dtype,
+                                precision=self.precision)
+    h, bias = ws_conv()(x, add_bias=False)
     h = nn.silu(GroupNorm(self.groups, 1e-5, self.dtype)(h, bias, film))
-    h, bias = WSConv(self.features, dtype=self.dtype)(h, add_bias=False)
+    h, bias = ws_conv()(h, add_bias=False)
     h = nn.silu(GroupNorm(self.groups, 1e-5, self.dtype)(h, bias))
     if x.shape[-1] != self.features:
-      x = Conv(self.features, 1, self.dtype)(x)
+      x = Conv(self.features, 1, self.dtype, precision=self.precision)(x)
     return h + x
 
 
-def _qkv(x, width, dtype):
+def _qkv(x, width, dtype, precision):
   """Pre-normalized q, k, v of shape [B, H*W, width] (heads * head_dim)."""
   h = nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=dtype)(x)
-  qkv = Conv(3 * width, 1, dtype, use_bias=False)(h)
+  qkv = Conv(3 * width, 1, dtype, use_bias=False, precision=precision)(h)
   return jnp.split(qkv.reshape(x.shape[0], -1, 3 * width), 3, axis=-1)
 
 
@@ -364,11 +386,12 @@ class LinearAttention(nn.Module):
   heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
+  precision: Optional[Dtype] = None  # of the 1x1 convolutions
 
   @nn.compact
   def __call__(self, x):
     b, width = x.shape[0], self.heads * self.head_dim
-    q, k, v = _qkv(x, width, self.dtype)
+    q, k, v = _qkv(x, width, self.dtype, self.precision)
     # Softmax statistics in float32 even under bf16 compute.
     q = jax.nn.softmax(q.astype(jnp.float32).reshape(b, -1, self.heads,
                                                      self.head_dim), axis=-1)
@@ -384,7 +407,8 @@ class LinearAttention(nn.Module):
         head[:, None] == head[None, :])
     out = jnp.einsum('bnc,bce->bne', q.astype(self.dtype),
                      context.astype(self.dtype))
-    out = Conv(x.shape[-1], 1, self.dtype)(out.reshape(x.shape[:-1] + (-1,)))
+    out = Conv(x.shape[-1], 1, self.dtype, precision=self.precision)(
+        out.reshape(x.shape[:-1] + (-1,)))
     return x + nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=self.dtype)(out)
 
 
@@ -393,15 +417,16 @@ class Attention(nn.Module):
   heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
+  precision: Optional[Dtype] = None  # of the 1x1 convolutions
 
   @nn.compact
   def __call__(self, x):
     heads = (x.shape[0], -1, self.heads, self.head_dim)
     q, k, v = (a.reshape(heads) for a in _qkv(
-        x, self.heads * self.head_dim, self.dtype))
+        x, self.heads * self.head_dim, self.dtype, self.precision))
     out = jax.nn.dot_product_attention(q, k, v)
     out = out.reshape(x.shape[:-1] + (-1,))
-    return x + Conv(x.shape[-1], 1, self.dtype)(out)
+    return x + Conv(x.shape[-1], 1, self.dtype, precision=self.precision)(out)
 
 
 def _pixel_unshuffle(x):
@@ -432,6 +457,8 @@ class UNet(nn.Module):
     num_phases: size of the learned phase embedding added to the time
       embedding (2 for a network shared by both objectives, 0 for none).
     dtype: compute dtype; parameters stay float32.
+    conv_precision: None, or `jnp.bfloat16`: float32 convolutions with
+      bfloat16 products (`conv`).
     remat: recompute each ResNet block and linear attention in the backward
       pass (`recompute_in_backward`) instead of keeping their activations.
   """
@@ -444,6 +471,7 @@ class UNet(nn.Module):
   attn_head_dim: int = 32
   num_phases: int = 0
   dtype: Dtype = jnp.float32
+  conv_precision: Optional[Dtype] = None
   remat: bool = False
 
   @property
@@ -490,15 +518,17 @@ class UNet(nn.Module):
       return (functools.partial(recompute_in_backward, mdl) if self.remat
               else mdl)
 
-    res = lambda features: block(ResBlock(features, self.groups, dt))
+    p = self.conv_precision
+    conv_layer = functools.partial(Conv, dtype=dt, precision=p)
+    res = lambda features: block(ResBlock(features, self.groups, dt, p))
     # The linear attentions hold the largest activations (q, k, v and their
     # softmaxes at full resolution): rematerialized with the ResBlocks.
     lin_attn = lambda: block(LinearAttention(self.attn_heads,
-                                             self.attn_head_dim, dt))
+                                             self.attn_head_dim, dt, p))
     dims = [base * mult for mult in self.channel_mults]
     in_out = list(zip([base] + dims[:-1], dims))
 
-    h = Conv(base, 7, dt)(h)
+    h = conv_layer(base, 7)(h)
     stem = h
     skips = []
     for level, (d_in, d_out) in enumerate(in_out):
@@ -508,22 +538,22 @@ class UNet(nn.Module):
           h = lin_attn()(h)
         skips.append(h)
       if level < len(in_out) - 1:
-        h = Conv(d_out, 1, dt)(_pixel_unshuffle(h))
+        h = conv_layer(d_out, 1)(_pixel_unshuffle(h))
       else:
-        h = Conv(d_out, 3, dt)(h)
+        h = conv_layer(d_out, 3)(h)
 
     h = res(dims[-1])(h, temb)
-    h = Attention(self.attn_heads, self.attn_head_dim, dt)(h)
+    h = Attention(self.attn_heads, self.attn_head_dim, dt, p)(h)
     h = res(dims[-1])(h, temb)
 
     for level, (d_in, d_out) in reversed(list(enumerate(in_out))):
       for i in range(self.num_res_blocks):
         h = res(d_out)(jnp.concatenate([h, skips.pop()], axis=-1), temb)
       h = lin_attn()(h)
-      h = Conv(d_in, 3, dt, upsample=level > 0)(h)
+      h = conv_layer(d_in, 3, upsample=level > 0)(h)
 
     h = res(base)(jnp.concatenate([h, stem], axis=-1), temb)
-    out = Conv(self.out_channels, 1, dt)(h).astype(jnp.float32)
+    out = conv_layer(self.out_channels, 1)(h).astype(jnp.float32)
     return out[:, :height, :width]
 
 
@@ -561,7 +591,8 @@ class DRDDNet(nn.Module):
 
 
 def create_model(model_config, method: str = 'drdd',
-                 dtype: Dtype = jnp.float32) -> nn.Module:
+                 dtype: Dtype = jnp.float32,
+                 conv_precision: Optional[Dtype] = None) -> nn.Module:
   """Builds the network of a config.
 
   Args:
@@ -569,6 +600,8 @@ def create_model(model_config, method: str = 'drdd',
     method: 'drdd' (phase-conditioned denoiser) or 'rddm' (coupled baseline:
       one UNet predicting r and eps, 6 output channels).
     dtype: compute dtype.
+    conv_precision: None, or `jnp.bfloat16` for float32 convolutions with
+      bfloat16 products (`conv`).
 
   Returns:
     A module called as `model(x, cond, t, phase)` ('rddm' ignores phase).
@@ -579,7 +612,8 @@ def create_model(model_config, method: str = 'drdd',
               groups=model_config.groups,
               attn_heads=model_config.attn_heads,
               attn_head_dim=model_config.attn_head_dim,
-              dtype=dtype, remat=model_config.remat)
+              dtype=dtype, conv_precision=conv_precision,
+              remat=model_config.remat)
   for name in ('base_channels', 'groups'):
     if unet[name] < 1:
       raise ValueError(f'model.{name} must be >= 1, got {unet[name]}.')
