@@ -50,6 +50,7 @@ constexpr int kRows = 6;        // accumulator rows per tile
 constexpr int kCols = 64;       // accumulator columns per tile: 4 vectors
 constexpr int kTileGroup = 8;   // tiles of rows per task
 constexpr int kPairsPerBlock = 256;  // weight gradient: q per cache block
+constexpr int64_t kCachedB = 256 << 10;  // bytes of packed B that stay in L2
 
 // Runs f(0) ... f(n - 1) on the caller and up to pool.num_threads() - 1
 // pool threads. Tasks are claimed from a shared counter; a pool thread that
@@ -365,11 +366,17 @@ void Conv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const void* w,
   const int64_t pixels = g.batch * ho * wo;
   const int64_t chunk = kTileGroup * kRows;
   const int64_t chunks = CeilDiv(pixels, chunk);
-  // Consecutive tasks share a column block: its packed B stays in cache.
-  ParallelFor(pool, blocks.blocks.size() * chunks, [&](int64_t task) {
-    const auto& blk = blocks.blocks[task / chunks];
-    int64_t m_end = std::min(pixels, (task % chunks + 1) * chunk);
-    for (int64_t m = (task % chunks) * chunk; m < m_end; m += kRows) {
+  const int64_t num_blocks = blocks.blocks.size();
+  // Consecutive tasks share a column block, whose packed B then stays in
+  // cache, or, where all of B fits in cache anyway, a chunk of pixels: its
+  // rows of A stay in cache and its output rows are written at once.
+  const bool chunk_major = blocks.size * sizeof(bf16) <= kCachedB;
+  ParallelFor(pool, num_blocks * chunks, [&](int64_t task) {
+    int64_t c0 = chunk_major ? task / num_blocks : task % chunks;
+    const auto& blk =
+        blocks.blocks[chunk_major ? task % num_blocks : task / chunks];
+    int64_t m_end = std::min(pixels, (c0 + 1) * chunk);
+    for (int64_t m = c0 * chunk; m < m_end; m += kRows) {
       int mr = static_cast<int>(std::min<int64_t>(kRows, m_end - m));
       const bf16* rows[kRows];
       for (int r = 0; r < mr; ++r) {
