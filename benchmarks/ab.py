@@ -14,10 +14,9 @@ changes:
   conv_gradient  `unet.conv`'s own gradient against jax's.
   upsample_conv  `unet.upsample_conv` against `jnp.repeat` twice and a 3x3
                  convolution.
-  bf16_conv      `drdd_jax.bf16_conv`'s kernels against XLA's convolutions
-                 of the same operands (bfloat16 products: the default
-                 `training.conv_precision` where the kernels run, or
-                 `training.compute_dtype` bfloat16).
+  bf16_conv      `drdd_jax.bf16_conv`'s kernels against XLA's bfloat16
+                 convolutions (the default `training.conv_precision` where
+                 the kernels run, or `training.compute_dtype` bfloat16).
   fold_bias      `unet.GroupNorm` folding the convolution's bias and the
                  time embedding's FiLM into its factors, against adding them
                  as separate elementwise ops.

@@ -71,9 +71,6 @@ def main():
   parser.add_argument('--dtype', default='float32',
                       help='bfloat16: the convolutions in bfloat16 (on '
                       "drdd_jax.bf16_conv's kernels where enabled)")
-  parser.add_argument('--precision', default=None,
-                      help="bfloat16: float32 convolutions with bfloat16 "
-                      "products (unet.conv's precision; bf16_conv's kernels)")
   args = parser.parse_args()
   spec = importlib.util.spec_from_file_location('aio5', os.path.join(
       os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'aio5.py'))
@@ -88,7 +85,7 @@ def main():
     w = (jax.random.normal(jax.random.key(1), rhs) * 0.03).astype(args.dtype)
 
     def conv(a, b, padding=padding):  # the network's, with its gradient
-      return unet.conv(a, b, padding, args.precision)
+      return unet.conv(a, b, padding)
 
     out = jax.eval_shape(conv, x, w)
     flops = 2.0 * np.prod(out.shape) * np.prod(rhs[:-1])
@@ -113,7 +110,7 @@ def main():
     print(json.dumps(record), flush=True)
   print(json.dumps(dict(
       batch=args.batch, size=args.size, forward_only=args.forward_only,
-      library=args.library, dtype=args.dtype, precision=args.precision,
+      library=args.library, dtype=args.dtype,
       convolutions=sum(convs.values()), distinct=len(convs),
       total_s=total_s, total_gflop=total_flops / 1e9,
       gflops=total_flops / total_s / 1e9)))

@@ -63,7 +63,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       noise_batch_size=0,  # global noise batch (targets); 0 = batch_size.
       seed=0,
       compute_dtype='auto',  # 'auto' (bf16 on TPU/GPU, f32 on CPU) | 'float32' | 'bfloat16'.
-      # 'auto': float32 convolutions with bfloat16 products where
+      # 'auto': with float32 compute, the convolutions in bfloat16 where
       # drdd_jax.bf16_conv's kernels run (a CPU with AVX512-BF16, one
       # device), else 'default' (the compute dtype's) | 'bfloat16'.
       conv_precision='auto',

@@ -1,13 +1,13 @@
-"""Convolutions with bfloat16 products on CPUs with AVX512-BF16 (XLA FFI).
+"""bfloat16 convolutions on CPUs with AVX512-BF16 (an XLA FFI library).
 
-XLA:CPU computes bfloat16 convolutions in float32, no faster than float32
-convolutions. `csrc/bf16_conv.cc` computes them with the CPU's bfloat16 dot
-product instruction (VDPBF16PS: twice the arithmetic of a float32 FMA), as
-XLA FFI custom calls: the convolution (also its input gradient) and its
-weight gradient, on float32 or bfloat16 operands rounded to bfloat16, with
-float32 sums. `pip install` builds it as `drdd_jax/_bf16_conv*.so` where a
-C++ compiler is found; `unet.conv` uses it where `enabled()`, for bfloat16
-activations and for float32 ones with `precision=jnp.bfloat16`.
+XLA:CPU computes bfloat16 convolutions by converting them to float32: no
+faster than float32 convolutions. `csrc/bf16_conv.cc` computes them with
+the CPU's bfloat16 dot product instruction (VDPBF16PS: twice the arithmetic
+of a float32 FMA), as XLA FFI custom calls: the convolution (also its input
+gradient) and its weight gradient, on float32 or bfloat16 operands rounded
+to bfloat16, with float32 sums. `pip install` builds it as
+`drdd_jax/_bf16_conv*.so` where a C++ compiler is found; `unet.conv` runs
+its bfloat16 convolutions on it where `enabled()`.
 """
 import contextlib
 import ctypes

@@ -30,11 +30,11 @@ Dtype = Any
 def conv(x, w, padding=None, precision=None):
   """Stride-1 convolution: [B, H, W, I] x [kh, kw, I, O] -> [B, H', W', O].
 
-  Computed in `x`'s dtype (`w` is cast to it). `padding` is `((top,
-  bottom), (left, right))` zeros, by default 'SAME' (odd kernels). With
-  `precision=jnp.bfloat16`, float32 operands are rounded to bfloat16 for the
-  products, here and in the gradients, and summed in float32, as TPUs
-  compute float32 convolutions by default.
+  Computed in `x`'s dtype (`w` is cast to it; bfloat16 products are summed
+  in float32). `padding` is `((top, bottom), (left, right))` zeros, by
+  default 'SAME' (odd kernels). With `precision=jnp.bfloat16` a float32
+  convolution is computed in bfloat16: `x` rounded to bfloat16, the result
+  returned in `x`'s dtype (the rest of a float32 network stays float32).
 
   On CPU the gradient is written out as two convolutions in the dimension
   order that XLA:CPU runs on Eigen. jax's own gradient convolutions use
@@ -42,9 +42,9 @@ def conv(x, w, padding=None, precision=None):
   inside a `lax.scan` (K train steps per dispatch, microbatches) they ran as
   generic loops, ~30x slower (`benchmarks/xla_cpu_loops.py`); so did an even
   kernel's weight gradient at the top level. The gradient is the same
-  computation (tests/test_unet.py). Convolutions with bfloat16 products
-  (bfloat16 `x`, or `precision=jnp.bfloat16`) and their gradients run on
-  `bf16_conv`'s kernels where `bf16_conv.enabled()`.
+  computation (tests/test_unet.py); the weight gradient of bfloat16
+  operands is summed and returned in float32. bfloat16 convolutions and
+  their gradients run on `bf16_conv`'s kernels where `bf16_conv.enabled()`.
   """
   kh, kw = w.shape[:2]
   if padding is None:
@@ -52,40 +52,35 @@ def conv(x, w, padding=None, precision=None):
       raise ValueError(f"'SAME' needs odd kernel sizes, got {(kh, kw)}.")
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
   padding = tuple(tuple(p) for p in padding)
-  rounded = (precision is not None and jnp.dtype(precision) == jnp.bfloat16
-             and x.dtype != jnp.bfloat16)
-  if jax.default_backend() == 'cpu' or rounded:
-    kernels = (rounded or x.dtype == jnp.bfloat16) and bf16_conv.enabled()
-    return _conv(x, w, padding, kernels, rounded and not kernels)
+  if (precision is not None and jnp.dtype(precision) == jnp.bfloat16
+      and x.dtype != jnp.bfloat16):
+    return conv(x.astype(jnp.bfloat16), w, padding).astype(x.dtype)
+  if jax.default_backend() == 'cpu':
+    return _conv(x, w, padding,
+                 x.dtype == jnp.bfloat16 and bf16_conv.enabled())
   return _lax_conv(x, w.astype(x.dtype), padding)
 
 
-def _lax_conv(x, w, padding):
+def _lax_conv(x, w, padding, out_dtype=None):
   return jax.lax.conv_general_dilated(
-      x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      preferred_element_type=out_dtype)
 
 
-def _bf16_rounded(*xs):
-  return tuple(x.astype(jnp.bfloat16).astype(x.dtype) for x in xs)
-
-
-# `kernels` (bf16_conv's) and `rounded` (operands rounded to bfloat16 for
-# XLA's convolutions) are static: traces with and without them never share
-# a cache entry.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, w, padding, kernels, rounded):
+# `kernels` (bf16_conv's, or XLA's convolutions) is static: traces with and
+# without them never share a cache entry.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, padding, kernels):
   if kernels:
     return bf16_conv.conv(x, w, padding)
-  if rounded:
-    x, w = _bf16_rounded(x, w)
   return _lax_conv(x, w.astype(x.dtype), padding)
 
 
-def _conv_fwd(x, w, padding, kernels, rounded):
-  return _conv(x, w, padding, kernels, rounded), (x, w)
+def _conv_fwd(x, w, padding, kernels):
+  return _conv(x, w, padding, kernels), (x, w)
 
 
-def _conv_bwd(padding, kernels, rounded, saved, g):
+def _conv_bwd(padding, kernels, saved, g):
   x, w = saved
   kh, kw = w.shape[:2]
   (top, bottom), (left, right) = padding
@@ -93,12 +88,9 @@ def _conv_bwd(padding, kernels, rounded, saved, g):
   dx_padding = ((kh - 1 - top, kh - 1 - bottom),
                 (kw - 1 - left, kw - 1 - right))
   if kernels:
-    dx = bf16_conv.conv(g, w, dx_padding, transpose_kernel=True,
-                        out_dtype=x.dtype)
+    dx = bf16_conv.conv(g, w, dx_padding, transpose_kernel=True)
     dw = bf16_conv.conv_weight_gradient(x, g, (kh, kw), padding)
     return dx, dw.astype(w.dtype)
-  if rounded:
-    x, w, g = _bf16_rounded(x, w, g)
   dx = _lax_conv(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype),
                  dx_padding)
   # dw[a, b, i, o] = sum over n, h, w of x[n, h + a - top, w + b - left, i]
@@ -112,8 +104,9 @@ def _conv_bwd(padding, kernels, rounded, saved, g):
   if x.shape[0] == 1 or not same_odd:
     x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     padding = ((0, 0), (0, 0))
-  dw = _lax_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), padding)
-  return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+  dw = _lax_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), padding,
+                 jnp.float32)
+  return dx, dw.transpose(1, 2, 0, 3).astype(w.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -457,8 +450,8 @@ class UNet(nn.Module):
     num_phases: size of the learned phase embedding added to the time
       embedding (2 for a network shared by both objectives, 0 for none).
     dtype: compute dtype; parameters stay float32.
-    conv_precision: None, or `jnp.bfloat16`: float32 convolutions with
-      bfloat16 products (`conv`).
+    conv_precision: None, or `jnp.bfloat16`: the convolutions of a float32
+      network computed in bfloat16 (`conv`).
     remat: recompute each ResNet block and linear attention in the backward
       pass (`recompute_in_backward`) instead of keeping their activations.
   """
@@ -600,8 +593,8 @@ def create_model(model_config, method: str = 'drdd',
     method: 'drdd' (phase-conditioned denoiser) or 'rddm' (coupled baseline:
       one UNet predicting r and eps, 6 output channels).
     dtype: compute dtype.
-    conv_precision: None, or `jnp.bfloat16` for float32 convolutions with
-      bfloat16 products (`conv`).
+    conv_precision: None, or `jnp.bfloat16`: the convolutions of a float32
+      network computed in bfloat16 (`conv`).
 
   Returns:
     A module called as `model(x, cond, t, phase)` ('rddm' ignores phase).

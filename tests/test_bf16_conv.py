@@ -2,8 +2,8 @@
 
 The kernels run where the library is built and the CPU has AVX512-BF16;
 elsewhere `available()` is False, those tests skip, and `unet.conv`'s
-bfloat16 products are XLA's convolutions of rounded operands (tested here
-against the kernels, and everywhere on their own).
+bfloat16 convolutions are XLA's (tested here against the kernels, and
+everywhere on their own).
 """
 import jax
 import jax.numpy as jnp
@@ -105,11 +105,12 @@ def _grads(conv, x, w, g):
 @pytest.mark.parametrize('kernels', [
     pytest.param(True, marks=needs_kernels), False])
 @pytest.mark.parametrize('x_shape, w_shape, padding', SHAPES[:4])
-def test_bfloat16_products_inside_a_scan(monkeypatch, kernels, x_shape,
-                                         w_shape, padding):
-  """unet.conv(precision=bfloat16) on float32 operands: the convolution and
-  both gradients of the rounded operands, summed in float32, on the kernels
-  or on XLA's convolutions, inside a lax.scan as microbatches run it."""
+def test_bfloat16_precision_inside_a_scan(monkeypatch, kernels, x_shape,
+                                          w_shape, padding):
+  """unet.conv(precision=bfloat16) of float32 operands: the convolution and
+  the input gradient of the rounded operands rounded to bfloat16, the weight
+  gradient in float32; on the kernels or on XLA's convolutions, inside a
+  lax.scan as microbatches run it."""
   # The test process has 8 devices, where enabled() is False.
   monkeypatch.setattr(bf16_conv, 'enabled', lambda: kernels)
   rng = np.random.default_rng(1)
@@ -127,10 +128,10 @@ def test_bfloat16_products_inside_a_scan(monkeypatch, kernels, x_shape,
   assert ('drdd_bf16_conv_wgrad' in jaxpr) == kernels
   ref_dx, ref_dw = _grads(lambda x, w: _reference(x, w, padding), x, w,
                           g.astype(jnp.bfloat16).astype(jnp.float32))
-  for got, ref in ((y, _reference(x, w, padding)), (dx, ref_dx),
-                   (dw, ref_dw)):
+  for got, ref, rtol in ((y, _reference(x, w, padding), 2.0**-8),
+                         (dx, ref_dx, 2.0**-8), (dw, ref_dw, 1e-5)):
     assert got.dtype == jnp.float32
-    _close(got[1], ref, 1e-5)
+    _close(got[1], ref, rtol)
 
 
 @needs_kernels
@@ -151,32 +152,32 @@ def test_unet_conv_on_bfloat16_activations(monkeypatch):
 
 
 @needs_kernels
-def test_network_kernels_equal_rounded_xla(monkeypatch):
-  """The tiny UNet with bfloat16 products: the kernels compute what XLA's
-  convolutions of the rounded operands compute, up to summation order."""
+def test_network_with_bfloat16_convolutions(monkeypatch):
+  """The tiny UNet's loss and gradient with its convolutions in bfloat16, on
+  the kernels and on XLA's, against float32 convolutions. (The gradient of
+  the kernels' program differs from float32's by 1.3 %, XLA's bfloat16
+  program by 2.5 %: roundings, which the per-layer tests above pin down.)"""
   config = aio5.get_config('tiny')
-  model = unet.create_model(config.model, conv_precision=jnp.bfloat16)
-  params = unet.init_params(model, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   t = jnp.array([10.0, 500.0])
 
-  def loss(p):
-    return jnp.mean(jnp.square(model.apply({'params': p}, x, x, t, 1) - x))
-
-  results = {}
-  for kernels in (False, True):
-    monkeypatch.setattr(bf16_conv, 'enabled', lambda k=kernels: k)
+  def loss_and_grad(precision, kernels):
+    monkeypatch.setattr(bf16_conv, 'enabled', lambda: kernels)
+    model = unet.create_model(config.model, conv_precision=precision)
+    params = unet.init_params(model, jax.random.key(0))
+    loss = lambda p: jnp.mean(jnp.square(
+        model.apply({'params': p}, x, x, t, 1) - x))
     step = jax.jit(jax.value_and_grad(loss))
     assert ('drdd_bf16_conv' in step.lower(params).as_text()) == kernels
-    results[kernels] = step(params)
-  (ref_loss, ref_grad), (got_loss, got_grad) = results[False], results[True]
-  # Sums in another order round some later operands the other way: the
-  # gradients differ by 0.4 %, against 2.4 % between bfloat16 products and
-  # float32 convolutions.
-  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-3)
-  a, b = (jnp.concatenate([v.ravel() for v in jax.tree.leaves(g)])
-          for g in (got_grad, ref_grad))
-  assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-2
+    value, grad = step(params)
+    return value, jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad)])
+
+  ref_loss, ref_grad = loss_and_grad(None, False)
+  for kernels in (True, False):
+    got_loss, got_grad = loss_and_grad(jnp.bfloat16, kernels)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-3)
+    assert jnp.linalg.norm(got_grad - ref_grad) < 0.05 * jnp.linalg.norm(
+        ref_grad)
 
 
 def test_auto_conv_precision_follows_the_kernels(monkeypatch):
@@ -186,7 +187,7 @@ def test_auto_conv_precision_follows_the_kernels(monkeypatch):
   for enabled, precision in ((True, jnp.bfloat16), (False, None)):
     monkeypatch.setattr(bf16_conv, 'enabled', lambda e=enabled: e)
     assert train.conv_precision(config) == precision
-  config.training.compute_dtype = 'bfloat16'  # already bfloat16 products
+  config.training.compute_dtype = 'bfloat16'  # bfloat16 convolutions anyway
   assert train.conv_precision(config) is None
   # The tests' config keeps exact float32 convolutions on every machine.
   assert train.conv_precision(aio5.get_config('tiny')) is None
