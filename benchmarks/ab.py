@@ -3,6 +3,7 @@
   python benchmarks/ab.py --change=split_sums --what=train --calls=10
   python benchmarks/ab.py --change=split_sums --what=256 --calls=10
   python benchmarks/ab.py --change=conv_gradient --what=train --calls=8
+  python benchmarks/ab.py --change=conv_io --what=train --calls=8
 
 Compiles the program twice, once with the change undone while tracing, and
 calls the two in turn, so that this machine's drift (±15 % between runs)
@@ -17,6 +18,10 @@ changes:
   bf16_conv      `drdd_jax.bf16_conv`'s kernels against XLA's bfloat16
                  convolutions (the default `training.conv_precision` where
                  the kernels run, or `training.compute_dtype` bfloat16).
+  conv_io        a float32 network's bfloat16 convolutions as casts to
+                 bfloat16 around the kernels (XLA fuses them into the
+                 neighbouring ops), against the kernels reading and writing
+                 float32 (where the kernels run).
   fold_bias      `unet.GroupNorm` folding the convolution's bias and the
                  time embedding's FiLM into its factors, against adding them
                  as separate elementwise ops.
@@ -61,6 +66,19 @@ class GroupNorm(nn.Module):
     return y if film is None else y * (film[0] + 1) + film[1]
 
 
+_CONV = unet.conv
+
+
+def conv_float32_io(x, w, padding=None, precision=None):
+  """`unet.conv`, but a float32 convolution in bfloat16 runs on the kernels
+  reading and writing float32 (they round the operands themselves)."""
+  if precision is None or x.dtype == jnp.bfloat16:
+    return _CONV(x, w, padding, precision)
+  kh, kw = w.shape[:2]
+  padding = padding or ((kh // 2, kh // 2), (kw // 2, kw // 2))
+  return unet._conv(x, w, tuple(map(tuple, padding)), True)  # pylint: disable=protected-access
+
+
 # Per change: the module attribute it replaces, the stand-in for the 'before'
 # variant, and the two variants' names.
 CHANGES = {
@@ -79,6 +97,8 @@ CHANGES = {
                       ("jax's gradient", "unet.conv's gradient")),
     'bf16_conv': ('bf16_conv', types.SimpleNamespace(enabled=lambda: False),
                   ("XLA's bfloat16 convolutions", "bf16_conv's kernels")),
+    'conv_io': ('conv', conv_float32_io,
+                ('kernels on float32', 'kernels on bfloat16 casts')),
 }
 
 

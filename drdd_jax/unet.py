@@ -33,8 +33,9 @@ def conv(x, w, padding=None, precision=None):
   Computed in `x`'s dtype (`w` is cast to it; bfloat16 products are summed
   in float32). `padding` is `((top, bottom), (left, right))` zeros, by
   default 'SAME' (odd kernels). With `precision=jnp.bfloat16` a float32
-  convolution is computed in bfloat16: `x` rounded to bfloat16, the result
-  returned in `x`'s dtype (the rest of a float32 network stays float32).
+  convolution is computed in bfloat16: `x` and `w` rounded to bfloat16, the
+  result returned in `x`'s dtype (the rest of a float32 network stays
+  float32).
 
   On CPU the gradient is written out as two convolutions in the dimension
   order that XLA:CPU runs on Eigen. jax's own gradient convolutions use
