@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command set-up and run. Creates .venv (once), installs the package, then:
-#   bash run.sh demo   trains on the embedded offline dataset (~10 min on CPU),
+#   bash run.sh demo   trains on the embedded offline dataset (3-20 min on CPU),
 #                      evaluates and writes tables and grids to workdir/demo/eval
 #   bash run.sh test   runs the whole test suite (slow end-to-end tests included)
 # Extra arguments are passed on (to main.py for demo, to pytest for test).

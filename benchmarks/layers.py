@@ -5,7 +5,9 @@
 GroupNorm (`nn.GroupNorm` vs `unet.GroupNorm`, alone and with FiLM + SiLU;
 gradients for the parameters, the input and the FiLM factors) and weight
 standardization (`mean(axis=(0, 1, 2))` vs `unet.standardize_kernel`),
-forward and forward+backward, under `unet.compiler_options()`.
+forward and forward+backward, under `unet.compiler_options()`; then the
+elementwise work around a convolution in float32 against bfloat16 (SiLU,
+GroupNorm's `x * mul + add` with SiLU and its gradient, the conversions).
 docs/performance.md quotes it.
 """
 import flax.linen as nn
@@ -55,6 +57,25 @@ def main():
     bench(f'weight standardization {name} fwd', f, w)
     bench(f'weight standardization {name} fwd+bwd',
           lambda w, f=f: jax.vjp(f, w)[1](g)[0], w)
+  elementwise_dtypes(key)
+
+
+def elementwise_dtypes(key, shape=(8, 64, 64, 64)):
+  """XLA:CPU's elementwise ops in float32 and in bfloat16."""
+  x32 = jax.random.normal(key, shape)
+  mul32, add32 = jax.random.normal(key, (2, shape[0], 1, 1, shape[-1]))
+  norm_silu = lambda x, mul, add: jax.nn.silu(x * mul + add)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    x, mul, add = (a.astype(dtype) for a in (x32, mul32, add32))
+    tag = f'{jnp.dtype(dtype).name} {shape}'
+    bench(f'SiLU {tag}', jax.nn.silu, x)
+    bench(f'x * mul + add, SiLU {tag}', norm_silu, x, mul, add)
+    bench(f'x * mul + add, SiLU, gradient {tag}',
+          lambda x, mul, add: jax.vjp(norm_silu, x, mul, add)[1](x), x, mul,
+          add)
+  bench(f'float32 to bfloat16 {shape}', lambda x: x.astype(jnp.bfloat16), x32)
+  bench(f'bfloat16 to float32 {shape}', lambda x: x.astype(jnp.float32),
+        x32.astype(jnp.bfloat16))
 
 
 if __name__ == '__main__':
