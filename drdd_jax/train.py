@@ -86,7 +86,7 @@ def noise_batch_size(config) -> int:
 
 def compute_dtype(config):
   """`training.compute_dtype`; 'auto' is bfloat16 on TPU and GPU, float32 on
-  CPU (XLA:CPU runs bfloat16 elementwise work 2-3x slower than float32)."""
+  CPU (XLA:CPU runs bfloat16 elementwise work 2-4x slower than float32)."""
   name = config.training.compute_dtype
   if name == 'auto':
     name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
@@ -100,7 +100,7 @@ def conv_precision(config):
 
   'auto' is bfloat16 for float32 compute where `bf16_conv`'s kernels run
   (CPUs with AVX512-BF16, one device: twice the convolutions' speed, and
-  the elementwise work stays float32, which XLA:CPU runs 2-3x faster than
+  the elementwise work stays float32, which XLA:CPU runs 2-4x faster than
   bfloat16), else None.
   """
   name = config.training.conv_precision
