@@ -472,6 +472,23 @@ bool IsF32(const ffi::AnyBuffer& a) {
   return a.element_type() == ffi::DataType::F32;
 }
 
+// f(A{}, B{}) with A and B float or bf16, the element types of two operands.
+template <typename F>
+void WithTypes(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const F& f) {
+  auto second = [&](auto ta) {
+    if (IsF32(b)) {
+      f(ta, float{});
+    } else {
+      f(ta, bf16{});
+    }
+  };
+  if (IsF32(a)) {
+    second(float{});
+  } else {
+    second(bf16{});
+  }
+}
+
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                     ffi::Result<ffi::AnyBuffer> y, int64_t pad_top,
                     int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
@@ -491,22 +508,11 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     return ffi::Error::InvalidArgument("drdd_bf16_conv: shapes disagree.");
   }
 #if defined(DRDD_TARGET)
-  const void* ws = w.untyped_data();
-  void* ys = y->untyped_data();
-  const bool wf = IsF32(w);
-  if (IsF32(x) && IsF32(*y)) {
-    Conv(pool, g, static_cast<const float*>(x.untyped_data()), ws, wf, out_ch,
-         transpose, static_cast<float*>(ys));
-  } else if (IsF32(x)) {
-    Conv(pool, g, static_cast<const float*>(x.untyped_data()), ws, wf, out_ch,
-         transpose, static_cast<bf16*>(ys));
-  } else if (IsF32(*y)) {
-    Conv(pool, g, static_cast<const bf16*>(x.untyped_data()), ws, wf, out_ch,
-         transpose, static_cast<float*>(ys));
-  } else {
-    Conv(pool, g, static_cast<const bf16*>(x.untyped_data()), ws, wf, out_ch,
-         transpose, static_cast<bf16*>(ys));
-  }
+  WithTypes(x, *y, [&](auto tx, auto ty) {
+    Conv(pool, g, static_cast<const decltype(tx)*>(x.untyped_data()),
+         w.untyped_data(), IsF32(w), out_ch, transpose,
+         static_cast<decltype(ty)*>(y->untyped_data()));
+  });
 #endif
   return ffi::Error::Success();
 }
@@ -529,49 +535,35 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
         "drdd_bf16_conv_wgrad: shapes disagree or dw is not float32.");
   }
 #if defined(DRDD_TARGET)
-  float* out = static_cast<float*>(dw->untyped_data());
-  const void *xs = x.untyped_data(), *gs = gy.untyped_data();
-  if (IsF32(x) && IsF32(gy)) {
-    WeightGrad(pool, g, static_cast<const float*>(xs),
-               static_cast<const float*>(gs), out_ch, out);
-  } else if (IsF32(x)) {
-    WeightGrad(pool, g, static_cast<const float*>(xs),
-               static_cast<const bf16*>(gs), out_ch, out);
-  } else if (IsF32(gy)) {
-    WeightGrad(pool, g, static_cast<const bf16*>(xs),
-               static_cast<const float*>(gs), out_ch, out);
-  } else {
-    WeightGrad(pool, g, static_cast<const bf16*>(xs),
-               static_cast<const bf16*>(gs), out_ch, out);
-  }
+  WithTypes(x, gy, [&](auto tx, auto tg) {
+    WeightGrad(pool, g, static_cast<const decltype(tx)*>(x.untyped_data()),
+               static_cast<const decltype(tg)*>(gy.untyped_data()), out_ch,
+               static_cast<float*>(dw->untyped_data()));
+  });
 #endif
   return ffi::Error::Success();
+}
+
+// Both handlers: the thread pool, two operands, a result and the padding.
+auto PaddedBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<int64_t>("pad_top")
+      .Attr<int64_t>("pad_bottom")
+      .Attr<int64_t>("pad_left")
+      .Attr<int64_t>("pad_right");
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddBf16Conv, ConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right")
-                                  .Attr<int64_t>("transpose_kernel"));
+                              PaddedBinding().Attr<int64_t>("transpose_kernel"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddBf16ConvWeightGrad, WeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
+                              PaddedBinding());
 
 // 1 where this CPU runs the handlers (checked by drdd_jax.bf16_conv).
 extern "C" int DrddBf16ConvSupported() { return CpuSupported() ? 1 : 0; }
