@@ -1,16 +1,28 @@
-"""Builds the optional CPU kernels (`csrc/bf16_conv.cc`, see drdd_jax/bf16_conv.py).
+"""Builds the optional native parts; the rest is declared in pyproject.toml.
 
-The rest of the package is declared in pyproject.toml. Where no C++17
-compiler is found the build is skipped (`optional=True`) and bfloat16
-convolutions stay on XLA's.
+- `drdd_jax._bf16_conv` (`csrc/bf16_conv.cc`): the CPU's bfloat16
+  convolution kernels (drdd_jax/bf16_conv.py);
+- `drdd_jax._block_cache` (`csrc/block_cache.c`): a library that the
+  package's programs preload to keep XLA:CPU's per-call blocks
+  (drdd_jax/host_memory.py). Linux only; it is never imported.
+
+Each is skipped where it cannot be compiled (`optional=True`): bfloat16
+convolutions then stay on XLA's, allocations on glibc's.
 """
+import sys
 import os
 
 import jaxlib
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension(
+extensions = [Extension(
     'drdd_jax._bf16_conv', sources=['csrc/bf16_conv.cc'],
     include_dirs=[os.path.join(os.path.dirname(jaxlib.__file__), 'include')],
     extra_compile_args=['-std=c++17', '-O3'], language='c++',
-    optional=True)])
+    optional=True)]
+if sys.platform.startswith('linux'):
+  extensions.append(Extension(
+      'drdd_jax._block_cache', sources=['csrc/block_cache.c'],
+      extra_compile_args=['-O2'], libraries=['dl', 'pthread'],
+      optional=True))
+setup(ext_modules=extensions)

@@ -14,9 +14,10 @@ Prints one JSON object per case, then a table. Cases:
 - `train`: `train.make_train_step` + `jit_train_step` on synthetic uint8
   batches (`--batch` pairs and as many noise targets), one step per dispatch.
   `time_s_*` wait for each step; `train_step_s_pipelined` is the mean over
-  `--steps` steps dispatched back to back with one wait at the end, as the
-  training loop runs them (the host prepares the next step while the device
-  runs this one).
+  `--steps` steps run as the training loop runs them: dispatched back to
+  back with one wait at the end (the host prepares the next step while the
+  device runs this one), except on CPU, where the loop waits for each step
+  (`train.wait_each_step`).
 - `sample`: `sampler.make_sampler` (n_res + n_noise network calls) on one
   `S x S` image for each `S` in `--sample_sizes`.
 - `matmul` (not run by default): an 8192^3 bf16 matrix product, the measured
@@ -49,6 +50,8 @@ import time
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from drdd_jax import host_memory
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs', 'aio5.py')
@@ -260,7 +263,8 @@ def _record(case, *, image_size, batch, wall, cpu, compile_s, flops,
       fraction_of_calibration=None, peak_bf16_tflops=peak,
       model_flops_utilization=flops / med / 1e12 / peak if peak else None,
       load_avg_1m=os.getloadavg()[0],
-      glibc_tunables=os.environ.get('GLIBC_TUNABLES'))
+      glibc_tunables=os.environ.get('GLIBC_TUNABLES'),
+      block_cache=host_memory.block_cache_loaded())
   rec.update(extra)
   return rec
 
@@ -317,7 +321,6 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from drdd_jax import host_memory  # pylint: disable=g-import-not-at-top
   from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
   with config.unlocked():
     config.training.batch_size = batch
@@ -349,12 +352,17 @@ def bench_train(config, image_size: int, batch: int, n: int) -> dict:
     jax.block_until_ready((box[0], metrics))
 
   wall, cpu = (np.array(t) / k for t in _time_calls(one_step, n))
-  # As the training loop runs: `n` calls dispatched back to back, one wait.
+  # As the training loop runs: `n` calls dispatched back to back, waiting for
+  # each only where the loop does (`train.wait_each_step`: on CPU).
+  wait = train.wait_each_step()
   t0 = time.perf_counter()
   for _ in range(n):
     box[0], metrics = compiled(box[0], data, rng)
+    if wait:
+      jax.block_until_ready(box[0])
   jax.block_until_ready((box[0], metrics))
   pipelined = (time.perf_counter() - t0) / (n * k)
+  host_memory.release_freed()  # As the training loop does between programs.
   rec = _record('train', image_size=image_size, batch=batch, wall=wall,
                 cpu=cpu, compile_s=compile_s,
                 flops=model_flops(_one_pass_step(config, model), state,
@@ -404,6 +412,7 @@ def bench_sample(config, size: int, n: int) -> dict:
       {'params': p}, x, x, jnp.zeros((1,), jnp.float32), schedules.RESIDUAL)
   call = lambda: jax.block_until_ready(compiled(params, y, rng))
   wall, cpu = _time_calls(call, n)
+  host_memory.release_freed()
   rec = _record('sample', image_size=size, batch=1, wall=wall, cpu=cpu,
                 compile_s=compile_s,
                 flops=calls * model_flops(one_call, params, y),

@@ -1,20 +1,32 @@
-"""Host memory: huge pages for XLA:CPU's buffers, compiler heap handed back.
+"""Host memory: XLA:CPU's per-call blocks kept, compiler heap handed back.
 
-XLA:CPU takes the temporaries of each call of a compiled program from malloc:
-one 933 MiB block per aio5 train step at 64x64. glibc serves a block that
-large with a fresh `mmap` and unmaps it when it is freed, so every call
-faults all of its pages in again: 240,000 page faults of 4 KiB per step on
-this project's CPU machine. With glibc's `glibc.malloc.hugetlb=1` tunable,
-malloc asks for transparent huge pages (2 MiB) for such blocks: about 1,500
-faults per step, the train step and the 256x256 restore 2-10 % faster in
-alternating runs (docs/performance.md), the RSS peak unchanged. Tunables are
-read when a process starts, so `use_huge_pages` starts the program again with
-the tunable set.
+XLA:CPU takes the temporaries of each call of a compiled program from
+`posix_memalign`: one 685 MiB block per aio5 train step at 64x64. glibc
+serves a block that large with a fresh `mmap` and unmaps it when it is freed,
+so on every call the kernel faults in and zeroes all of its pages again
+(`perf`: 9 % of the train step's CPU time in the kernel's `clear_page_erms`
+on this project's CPU machine). This package's programs therefore start
+again, once (`tune_malloc`), with
+
+- `LD_PRELOAD` naming `drdd_jax/_block_cache*.so` (`csrc/block_cache.c`,
+  built at install where a C compiler is found; glibc only): it serves
+  aligned allocations of 64 MiB or more from its own mappings and keeps a
+  freed one for the next request of the same size, so each call reuses the
+  last call's pages (a function with a 256 MiB temporary: 68 page faults
+  per call instead of 65,561, tests/test_host_memory.py);
+- glibc's `glibc.malloc.hugetlb=1` tunable (where the kernel has
+  transparent huge pages): malloc asks for 2 MiB pages for the blocks it
+  still maps itself.
+
+`DRDD_JAX_MALLOC=default` keeps glibc's defaults. docs/performance.md has
+the measurements.
 """
 import ctypes
+import glob
 import os
+import platform
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 _TUNABLE = 'glibc.malloc.hugetlb=1'
 _THP = '/sys/kernel/mm/transparent_hugepage/enabled'
@@ -36,20 +48,45 @@ def huge_pages_available() -> bool:
     return False
 
 
-def use_huge_pages():
-  """Re-executes this program with glibc's malloc on transparent huge pages.
+def block_cache_library() -> Optional[str]:
+  """The built block cache (`csrc/block_cache.c`) on glibc, else None."""
+  if platform.libc_ver()[0] != 'glibc':
+    return None
+  found = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 '_block_cache*.so'))
+  return found[0] if found else None
 
-  Does nothing where the kernel has no transparent huge pages (off Linux),
-  where `GLIBC_TUNABLES` already names the tunable, or when
+
+def block_cache_loaded() -> bool:
+  """Whether this process runs with the block cache preloaded."""
+  try:
+    return hasattr(ctypes.CDLL(None), 'drdd_block_cache_release')
+  except (OSError, TypeError):  # No dynamic loader to ask (not Linux).
+    return False
+
+
+def tune_malloc():
+  """Re-executes this program with the block cache and huge pages.
+
+  Adds what is missing of the two (module docstring) to `LD_PRELOAD` and
+  `GLIBC_TUNABLES`, keeping what they hold, and starts the program again:
+  both are read when a process starts. Does nothing when nothing is missing
+  (the block cache not built, no transparent huge pages, a `GLIBC_TUNABLES`
+  that already names `glibc.malloc.hugetlb`) or when
   `DRDD_JAX_MALLOC=default`. Call it before the program starts any work:
   `drdd_jax/__init__.py` calls it first thing for `python -m drdd_jax.<module>`.
   """
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if ('glibc.malloc.hugetlb' in tunables or not huge_pages_available()
-      or os.environ.get('DRDD_JAX_MALLOC') == 'default'):
+  if os.environ.get('DRDD_JAX_MALLOC') == 'default':
     return
-  env = dict(os.environ, GLIBC_TUNABLES=':'.join(
-      t for t in (tunables, _TUNABLE) if t))
+  env = dict(os.environ)
+  tunables, preload = env.get('GLIBC_TUNABLES', ''), env.get('LD_PRELOAD', '')
+  if 'glibc.malloc.hugetlb' not in tunables and huge_pages_available():
+    env['GLIBC_TUNABLES'] = ':'.join(t for t in (tunables, _TUNABLE) if t)
+  library = block_cache_library()
+  if library and library not in preload.split(':'):
+    env['LD_PRELOAD'] = ':'.join(p for p in (preload, library) if p)
+  if env == os.environ:
+    return
   sys.stdout.flush()
   sys.stderr.flush()
   try:
@@ -63,7 +100,11 @@ def release_freed():
 
   Compiling the aio5 train step leaves about 0.9 GiB of freed compiler memory
   resident, which then adds to the step's own peak (docs/performance.md).
+  Also unmaps the blocks the block cache keeps for the next call of the
+  program that freed them.
   """
+  if block_cache_loaded():
+    ctypes.CDLL(None).drdd_block_cache_release()
   try:
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):  # Not glibc: nothing to do.

@@ -466,6 +466,17 @@ def _flat_hparams(config) -> dict:
   return out
 
 
+def wait_each_step() -> bool:
+  """Whether the training loop waits for each step before dispatching the next.
+
+  On CPU: the host and the "device" share the cores, so running ahead buys
+  little, and a step dispatched before the last one ends gets fresh
+  temporaries, while after a wait the block cache (host_memory.py) hands it
+  the last step's, already faulted in. Elsewhere the host runs ahead.
+  """
+  return jax.default_backend() == 'cpu'
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from `workdir`), then evaluates; returns the state."""
   mesh = make_mesh(config.mesh)
@@ -519,6 +530,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                noise_batch_size(config), k)
   train_metrics = None
   step = start
+  wait = wait_each_step()
   try:
     while step < t.num_steps:
       batch = global_batch(next_batch(data_iter, k), mesh,
@@ -528,6 +540,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         host_memory.release_freed()
         distributed.barrier(f'train_step_compiled_{start}')
       state, metrics = step_fn(state, batch, rng)
+      if wait:
+        jax.block_until_ready(state)
       step += k
       update = TrainMetrics.single_from_model_output(**metrics)
       train_metrics = update if train_metrics is None else train_metrics.merge(
@@ -541,13 +555,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         logging.info('step %d/%d  %s', step, t.num_steps, '  '.join(
             f'{n}={v:.4g}' for n, v in values.items()))
         train_metrics = None
-      if t.eval_every and step % t.eval_every < k and not final:
+      run_eval = t.eval_every and step % t.eval_every < k and not final
+      write_grid = t.sample_every and step % t.sample_every < k
+      save = step % t.checkpoint_every < k or final or preemption.requested
+      if run_eval or write_grid or save:
+        # Other work follows: once the step is done, hand back the blocks
+        # kept for the next one (host_memory.py).
+        jax.block_until_ready(state)
+        host_memory.release_freed()
+      if run_eval:
         evaluate.evaluate(config, workdir, state.ema_params, step,
                           writer=writer)
-      if t.sample_every and step % t.sample_every < k:
+      if write_grid:
         evaluate.write_sample_grid(config, model, sched, state.ema_params,
                                    writer, step)
-      if step % t.checkpoint_every < k or final or preemption.requested:
+      if save:
         _check_finite(state, last_saved)
         checkpoints.save(manager, step, state, data_iter, force=True)
         last_saved = step

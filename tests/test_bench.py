@@ -47,9 +47,14 @@ def test_quick_bench_on_tiny_config(tmp_path):
     assert r['fraction_of_calibration'] > 0
     assert r['peak_bf16_tflops'] is None and r['model_flops_utilization'] is None
   assert cal['fraction_of_calibration'] == 1.0
-  # The program started again with malloc on huge pages (host_memory.py).
-  if host_memory.huge_pages_available() and 'GLIBC_TUNABLES' not in os.environ:
-    assert all(r['glibc_tunables'] == 'glibc.malloc.hugetlb=1' for r in printed)
+  # The program started again with the block cache and malloc on huge pages
+  # (host_memory.py).
+  if 'DRDD_JAX_MALLOC' not in os.environ:
+    built = host_memory.block_cache_library() is not None
+    assert all(r['block_cache'] == built for r in printed)
+    if host_memory.huge_pages_available() and 'GLIBC_TUNABLES' not in os.environ:
+      assert all(r['glibc_tunables'] == 'glibc.malloc.hugetlb=1'
+                 for r in printed)
   assert tr['steps'] == 2 and tr['batch'] == 4 and tr['image_size'] == 32
   assert tr['steps_per_dispatch'] == 2  # Times per step, 2 steps per call.
   assert 0 < tr['train_step_s_min'] <= tr['train_step_s_median']
