@@ -12,8 +12,8 @@ again, once (`tune_malloc`), with
   built at install where a C compiler is found; glibc only): it serves
   aligned allocations of 64 MiB or more from its own mappings and keeps a
   freed one for the next request of the same size, so each call reuses the
-  last call's pages (a function with a 256 MiB temporary: 68 page faults
-  per call instead of 65,561, tests/test_host_memory.py);
+  last call's pages (a function with a 256 MiB temporary: 3 page faults
+  per call instead of 65,541, tests/test_host_memory.py);
 - glibc's `glibc.malloc.hugetlb=1` tunable (where the kernel has
   transparent huge pages): malloc asks for 2 MiB pages for the blocks it
   still maps itself.
