@@ -126,10 +126,11 @@ static void *take(size_t alignment, size_t size) {
     until.tv_nsec += kWaitUs * 1000L;
     until.tv_sec += until.tv_nsec / 1000000000L;
     until.tv_nsec %= 1000000000L;
-    while (!out && in_use(bytes) &&
-           pthread_cond_timedwait(&freed, &mu, &until) == 0)
+    int waiting = 1;
+    while (!out && waiting && in_use(bytes)) {
+      waiting = pthread_cond_timedwait(&freed, &mu, &until) == 0;
       out = reuse(bytes);
-    if (!out) out = reuse(bytes);
+    }
   }
   if (!out) {
     for (int i = 0; i < kSlots; ++i)  /* Another program's: let them go. */
