@@ -4,6 +4,7 @@
   python benchmarks/ab.py --change=split_sums --what=256 --calls=10
   python benchmarks/ab.py --change=conv_gradient --what=train --calls=8
   python benchmarks/ab.py --change=conv_io --what=train --calls=8
+  python benchmarks/ab.py --change=kernels --other_kernels=OTHER.so --what=train
 
 Compiles the program twice, once with the change undone while tracing, and
 calls the two in turn, so that this machine's drift (±15 % between runs)
@@ -25,13 +26,19 @@ changes:
   fold_bias      `unet.GroupNorm` folding the convolution's bias and the
                  time embedding's FiLM into its factors, against adding them
                  as separate elementwise ops.
+  global_norm    `train.global_norm` (the gradient's norm as dots) against
+                 `optax.tree.norm` (train only).
+  kernels        this build's `bf16_conv` kernels against another build's
+                 (`--other_kernels`: a `_bf16_conv*.so` built from another
+                 commit, e.g. `git worktree add /tmp/o COMMIT && cd /tmp/o &&
+                 python setup.py build_ext --inplace`).
 
-Run it as the package runs (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, see
-`drdd_jax/host_memory.py`) to compare like with like. docs/performance.md
-quotes it.
+It runs as the package's programs do (`host_memory.tune_malloc`: XLA's
+per-call blocks kept, huge pages). docs/performance.md quotes it.
 """
 import argparse
 import contextlib
+import ctypes
 import importlib.util
 import os
 import time
@@ -42,8 +49,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from drdd_jax import bench, sampler, train, unet
+from drdd_jax import bench, bf16_conv, host_memory, sampler, train, unet
 
 
 class GroupNorm(nn.Module):
@@ -79,9 +87,32 @@ def conv_float32_io(x, w, padding=None, precision=None):
   return unet._conv(x, w, tuple(map(tuple, padding)), True)  # pylint: disable=protected-access
 
 
-# Per change: the module attribute it replaces, the stand-in for the 'before'
-# variant, and the two variants' names.
+_FFI_CALL = jax.ffi.ffi_call
+_OTHER = 'other:'  # prefix of the FFI targets of --other_kernels
+
+
+def register_other_kernels(path: str):
+  lib = ctypes.CDLL(path)
+  for name, symbol in bf16_conv._TARGETS.items():  # pylint: disable=protected-access
+    jax.ffi.register_ffi_target(_OTHER + name,
+                                jax.ffi.pycapsule(getattr(lib, symbol)),
+                                platform='cpu')
+
+
+def ffi_call_other(name, *args, **kwargs):
+  """`jax.ffi.ffi_call`, bf16_conv's targets taken from --other_kernels."""
+  if name in bf16_conv._TARGETS:  # pylint: disable=protected-access
+    name = _OTHER + name
+  return _FFI_CALL(name, *args, **kwargs)
+
+
+# Per change: the `unet` attribute it replaces (or `(module, attribute)`),
+# the stand-in for the 'before' variant, and the two variants' names.
 CHANGES = {
+    'global_norm': ((train, 'global_norm'), optax.tree.norm,
+                    ('optax.tree.norm', 'vdot per leaf')),
+    'kernels': ((jax.ffi, 'ffi_call'), ffi_call_other,
+                ('--other_kernels', "this build's kernels")),
     'fold_bias': ('GroupNorm', GroupNorm,
                   ('bias and FiLM apart', 'bias and FiLM folded')),
     'upsample_conv': ('upsample_conv',
@@ -106,13 +137,14 @@ CHANGES = {
 def traced_as(change: str, variant: str):
   """`change` undone in `unet` while tracing its 'before' variant."""
   name, before, variants = CHANGES[change]
-  saved = getattr(unet, name)
+  module, name = name if isinstance(name, tuple) else (unet, name)
+  saved = getattr(module, name)
   if variant == variants[0]:
-    setattr(unet, name, before)
+    setattr(module, name, before)
   try:
     yield
   finally:
-    setattr(unet, name, saved)
+    setattr(module, name, saved)
 
 
 def train_calls(config, change):
@@ -161,12 +193,20 @@ def sample_calls(config, change, size: int):
 
 
 def main():
+  host_memory.tune_malloc()
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--change', required=True, choices=sorted(CHANGES))
   parser.add_argument('--what', default='train',
                       help="'train' or an image size for the sampler")
   parser.add_argument('--calls', type=int, default=10)
+  parser.add_argument('--other_kernels',
+                      help='--change=kernels: the other _bf16_conv*.so')
   args = parser.parse_args()
+  if args.change == 'kernels':
+    if not (args.other_kernels and bf16_conv.enabled()):
+      parser.error('--change=kernels needs --other_kernels and a CPU where '
+                   "bf16_conv's kernels run")
+    register_other_kernels(args.other_kernels)
   spec = importlib.util.spec_from_file_location('aio5', os.path.join(
       os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'aio5.py'))
   aio5 = importlib.util.module_from_spec(spec)

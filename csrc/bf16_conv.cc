@@ -23,6 +23,11 @@
 // padded bfloat16 input. The weight gradient's m is (tap, input channel) and
 // q = (b, i, pair of columns j): A comes from a copy of xpad whose every word
 // holds a pixel's channel with the same channel of its right neighbour.
+// Where dw is small and the images large (the network's high resolutions),
+// the weight gradient is split over q: each task packs A and B for its own
+// block of output rows (they stay in cache; x and gy are read once) and sums
+// into its thread's copy of dw; elsewhere it is split over dw's rows, from A
+// and B packed for all of q.
 // Work is split into tasks over XLA's intra-op thread pool; the caller works
 // too, so a call never waits for a pool thread that is busy elsewhere.
 
@@ -51,29 +56,49 @@ constexpr int kCols = 64;       // accumulator columns per tile: 4 vectors
 constexpr int kTileGroup = 8;   // tiles of rows per task
 constexpr int kPairsPerBlock = 256;  // weight gradient: q per cache block
 constexpr int64_t kCachedB = 256 << 10;  // bytes of packed B that stay in L2
+// Weight gradient: the largest dw summed per worker (split over the
+// contracted axis).
+constexpr int64_t kSplitSumBytes = 1 << 20;
 
-// Runs f(0) ... f(n - 1) on the caller and up to pool.num_threads() - 1
-// pool threads. Tasks are claimed from a shared counter; a pool thread that
-// starts after all are claimed returns at once, so f is called only while
-// the caller waits for the claimed tasks.
+// Runs f(0, w) ... f(n - 1, w) on the caller and up to pool.num_threads() -
+// 1 pool threads; w < Workers(pool, n) numbers the thread that runs the
+// task. Tasks are claimed from a shared counter; a pool thread that starts
+// after all are claimed returns at once, so f is called only while the
+// caller waits for the claimed tasks.
+int64_t Workers(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
+}
+
 template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
+void ParallelForWorkers(ffi::ThreadPool& pool, int64_t n, const F& f) {
   struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
+    std::atomic<int64_t> next{0}, done{0}, workers{0};
   };
   auto counters = std::make_shared<Counters>();
   auto work = [counters, fn = &f, n] {
+    int64_t w = counters->workers.fetch_add(1);
     for (int64_t i; (i = counters->next.fetch_add(1)) < n;) {
-      (*fn)(i);
+      (*fn)(i, w);
       counters->done.fetch_add(1, std::memory_order_release);
     }
   };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  int64_t helpers = Workers(pool, n) - 1;
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
   work();
   while (counters->done.load(std::memory_order_acquire) < n) {
     std::this_thread::yield();
   }
+}
+
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
+  ParallelForWorkers(pool, n, [&f](int64_t i, int64_t) { f(i); });
+}
+
+// n elements of uninitialized scratch (every user writes what it reads).
+template <typename T>
+std::unique_ptr<T[]> Scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
 }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -342,11 +367,11 @@ void Conv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const void* w,
 
   // A: the bfloat16 input itself when no padding is needed.
   const bf16* xs = reinterpret_cast<const bf16*>(x);
-  std::vector<bf16> padded;
+  std::unique_ptr<bf16[]> padded;
   if (sizeof(T) != 2 || g.top || g.bottom || g.left || g.right || cp != c) {
-    padded.resize(g.batch * hp * wp * cp);
-    Pad(pool, g, x, cp, padded.data());
-    xs = padded.data();
+    padded = Scratch<bf16>(g.batch * hp * wp * cp);
+    Pad(pool, g, x, cp, padded.get());
+    xs = padded.get();
   }
   std::vector<int64_t> seg(taps);
   for (int64_t t = 0; t < taps; ++t) {
@@ -354,13 +379,13 @@ void Conv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const void* w,
   }
 
   ColumnBlocks blocks(out_ch, taps * pairs);
-  std::vector<bf16> packed(blocks.size);
+  auto packed = Scratch<bf16>(blocks.size);
   if (w_f32) {
     PackKernel(pool, static_cast<const float*>(w), g, out_ch, transpose,
-               blocks, packed.data());
+               blocks, packed.get());
   } else {
     PackKernel(pool, static_cast<const bf16*>(w), g, out_ch, transpose,
-               blocks, packed.data());
+               blocks, packed.get());
   }
 
   const int64_t pixels = g.batch * ho * wo;
@@ -375,37 +400,39 @@ void Conv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const void* w,
     int64_t c0 = chunk_major ? task / num_blocks : task % chunks;
     const auto& blk =
         blocks.blocks[chunk_major ? task % num_blocks : task / chunks];
-    int64_t m_end = std::min(pixels, (c0 + 1) * chunk);
-    for (int64_t m = c0 * chunk; m < m_end; m += kRows) {
+    int64_t m_begin = c0 * chunk, m_end = std::min(pixels, m_begin + chunk);
+    // Output pixel (b, i, j) of row m, advanced row by row.
+    int64_t b = m_begin / (ho * wo), i = m_begin / wo % ho, j = m_begin % wo;
+    for (int64_t m = m_begin; m < m_end; m += kRows) {
       int mr = static_cast<int>(std::min<int64_t>(kRows, m_end - m));
       const bf16* rows[kRows];
       for (int r = 0; r < mr; ++r) {
-        int64_t p = m + r, b = p / (ho * wo), i = p / wo % ho, j = p % wo;
         rows[r] = xs + ((b * hp + i) * wp + j) * cp;
+        if (++j == wo) {
+          j = 0;
+          if (++i == ho) i = 0, ++b;
+        }
       }
       PickTile<false, Out>(mr, blk.nv)(
-          rows, seg.data(), taps, pairs, 2, packed.data() + blk.offset,
+          rows, seg.data(), taps, pairs, 2, packed.get() + blk.offset,
           y + m * out_ch + blk.start, out_ch, blk.cols);
     }
   });
 }
 
-template <typename TX, typename TG>
-void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
-                const TG* gy, int64_t out_ch, float* dw) {
-  const int64_t c = g.channels, hp = g.hp(), wp = g.wp();
-  const int64_t ho = g.ho(), wo = g.wo(), wo2 = CeilDiv(wo, 2);
-  const int64_t taps = g.kh * g.kw;
-
-  // A: xpad with each channel paired with its right neighbour's,
-  // [B, Hp, Wp, C, 2].
-  std::vector<bf16> xpair(g.batch * hp * wp * c * 2);
-  ParallelFor(pool, g.batch * hp, [&](int64_t row) {
-    int64_t b = row / hp, h = row % hp - g.top;
-    bf16* dst = xpair.data() + row * wp * c * 2;
+// Rows [r0, r1) of image b of xpair, padded x with each channel paired
+// with the same channel of its right neighbour ([B, Hp, Wp, C, 2]), into
+// dst.
+template <typename TX>
+void PairRows(const Geometry& g, const TX* x, int64_t b, int64_t r0,
+              int64_t r1, bf16* dst) {
+  const int64_t c = g.channels, wp = g.wp();
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t h = r - g.top;
     if (h < 0 || h >= g.height) {
       std::memset(dst, 0, wp * c * 2 * sizeof(bf16));
-      return;
+      dst += wp * c * 2;
+      continue;
     }
     const TX* src = x + (b * g.height + h) * g.width * c;
     auto pixel = [&](int64_t j) {
@@ -415,53 +442,140 @@ void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
     for (int64_t j = 0; j < wp; ++j, dst += 2 * c) {
       Interleave(pixel(j), pixel(j + 1), c, dst);
     }
-  });
+  }
+}
 
-  // B: gy as [column block][b, i, j / 2][nv * 16][2] (a zero column when
-  // wo is odd).
-  const int64_t segments = g.batch * ho, pairs = segments * wo2;
-  ColumnBlocks blocks(out_ch, pairs);
-  std::vector<bf16> packed(blocks.size);
-  ParallelFor(pool, blocks.blocks.size() * segments, [&](int64_t task) {
-    const auto& blk = blocks.blocks[task / segments];
-    int64_t s = task % segments, width = blk.nv * 16;
-    bf16* dst = packed.data() + blk.offset + s * wo2 * width * 2;
-    if (blk.cols < width) std::memset(dst, 0, wo2 * width * 2 * sizeof(bf16));
+// Segments [s0, s0 + ns) of gy (segment = (b, output row)) in one column
+// block as B of the weight gradient: [segment][j / 2][nv * 16][2], a zero
+// column when wo is odd, zero lanes past blk.cols.
+template <typename TG>
+void PackGradRows(const TG* gy, int64_t wo, int64_t out_ch,
+                  const ColumnBlocks::Block& blk, int64_t s0, int64_t ns,
+                  bf16* dst) {
+  const int64_t width = blk.nv * 16, wo2 = CeilDiv(wo, 2);
+  if (blk.cols < width) {
+    std::memset(dst, 0, ns * wo2 * width * 2 * sizeof(bf16));
+  }
+  for (int64_t s = s0; s < s0 + ns; ++s) {
     for (int64_t j = 0; j < wo; j += 2, dst += width * 2) {
       const TG* src = gy + (s * wo + j) * out_ch + blk.start;
       Interleave(src, j + 1 < wo ? src + out_ch : nullptr, blk.cols, dst);
     }
+  }
+}
+
+// Rows [m0, m1) of dw (m = (tap, input channel)) in one column block: the
+// sums over ns segments of wo2 pairs, A from xpair rows at `a` (segment s
+// at a + seg[s]), B at `b`; with `accumulate`, added to what `dw` holds.
+void WeightGradRows(const Geometry& g, const bf16* a, const int64_t* seg,
+                    int64_t ns, int64_t wo2, const bf16* b,
+                    const ColumnBlocks::Block& blk, int64_t m0, int64_t m1,
+                    bool accumulate, float* dw, int64_t out_ch) {
+  const int64_t c = g.channels, wp = g.wp();
+  // Tap (ti, tj) and channel k of row m, advanced row by row.
+  int64_t k = m0 % c, ti = m0 / c / g.kw, tj = m0 / c % g.kw;
+  for (int64_t m = m0; m < m1; m += kRows) {
+    int mr = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
+    const bf16* rows[kRows];
+    for (int r = 0; r < mr; ++r) {
+      rows[r] = a + (ti * wp + tj) * c * 2 + 2 * k;
+      if (++k == c) {
+        k = 0;
+        if (++tj == g.kw) tj = 0, ++ti;
+      }
+    }
+    auto tile = accumulate ? PickTile<true, float>(mr, blk.nv)
+                           : PickTile<false, float>(mr, blk.nv);
+    tile(rows, seg, ns, wo2, 4 * c, b, dw + m * out_ch + blk.start, out_ch,
+         blk.cols);
+  }
+}
+
+template <typename TX, typename TG>
+void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
+                const TG* gy, int64_t out_ch, float* dw) {
+  const int64_t c = g.channels, hp = g.hp(), wp = g.wp();
+  const int64_t ho = g.ho(), wo = g.wo(), wo2 = CeilDiv(wo, 2);
+  const int64_t rows_total = g.kh * g.kw * c, size = rows_total * out_ch;
+  // Segments (output rows) per block of ~kPairsPerBlock pairs of the
+  // contracted axis.
+  const int64_t seg_block = std::max<int64_t>(1, kPairsPerBlock / wo2);
+  const int64_t image_block = std::min(seg_block, ho);  // within one image
+  const int64_t row_blocks = CeilDiv(ho, image_block);
+  const int64_t q_blocks = g.batch * row_blocks;
+  const int64_t workers = Workers(pool, q_blocks);
+
+  if (size * int64_t{sizeof(float)} <= kSplitSumBytes &&
+      image_block * wo2 >= kPairsPerBlock / 2 && q_blocks >= 2 * workers) {
+    // Split over the contracted axis: a task sums one block of output rows
+    // of one image into its worker's dw, from A and B packed for that block
+    // alone (they stay in cache, and x and gy are read once); worker 0
+    // sums into dw itself, the others' sums are added at the end.
+    const int64_t a_size = (image_block + g.kh - 1) * wp * c * 2;
+    const int64_t b_size = image_block * wo2 * kCols * 2;
+    auto a_buf = Scratch<bf16>(workers * a_size);
+    auto b_buf = Scratch<bf16>(workers * b_size);
+    auto sums = Scratch<float>((workers - 1) * size);
+    std::vector<char> used(workers, 0);
+    std::vector<int64_t> seg(image_block);
+    for (int64_t s = 0; s < image_block; ++s) seg[s] = s * wp * c * 2;
+    ColumnBlocks blocks(out_ch, 0);
+    ParallelForWorkers(pool, q_blocks, [&](int64_t task, int64_t w) {
+      const int64_t b = task / row_blocks, i0 = task % row_blocks * image_block;
+      const int64_t ns = std::min(image_block, ho - i0);
+      bf16* a = a_buf.get() + w * a_size;
+      bf16* packed = b_buf.get() + w * b_size;
+      float* out = w ? sums.get() + (w - 1) * size : dw;
+      PairRows(g, x, b, i0, i0 + ns + g.kh - 1, a);
+      for (const auto& blk : blocks.blocks) {
+        PackGradRows(gy, wo, out_ch, blk, b * ho + i0, ns, packed);
+        WeightGradRows(g, a, seg.data(), ns, wo2, packed, blk, 0, rows_total,
+                       used[w], out, out_ch);
+      }
+      used[w] = 1;
+    });
+    if (!used[0]) std::memset(dw, 0, size * sizeof(float));
+    for (int64_t w = 1; w < workers; ++w) {
+      if (!used[w]) continue;
+      const float* part = sums.get() + (w - 1) * size;
+      for (int64_t i = 0; i < size; ++i) dw[i] += part[i];
+    }
+    return;
+  }
+
+  // Split over dw: each task sums all of the contracted axis for a block of
+  // dw's rows in one column block, from xpair and B packed for all of it.
+  auto xpair = Scratch<bf16>(g.batch * hp * wp * c * 2);
+  ParallelFor(pool, g.batch * hp, [&](int64_t row) {
+    PairRows(g, x, row / hp, row % hp, row % hp + 1,
+             xpair.get() + row * wp * c * 2);
+  });
+  const int64_t segments = g.batch * ho;
+  ColumnBlocks blocks(out_ch, segments * wo2);
+  auto packed = Scratch<bf16>(blocks.size);
+  ParallelFor(pool, blocks.blocks.size() * segments, [&](int64_t task) {
+    const auto& blk = blocks.blocks[task / segments];
+    int64_t s = task % segments;
+    PackGradRows(gy, wo, out_ch, blk, s, 1,
+                 packed.get() + blk.offset + s * wo2 * blk.nv * 32);
   });
   std::vector<int64_t> seg(segments);
   for (int64_t s = 0; s < segments; ++s) {
     seg[s] = ((s / ho) * hp + s % ho) * wp * c * 2;
   }
-
-  // Rows m = (tap, input channel); q = (b, i, j / 2), cache-blocked.
-  const int64_t rows_total = taps * c;
   const int64_t chunk = kTileGroup * kRows;
   const int64_t chunks = CeilDiv(rows_total, chunk);
-  const int64_t seg_block = std::max<int64_t>(1, kPairsPerBlock / wo2);
   ParallelFor(pool, blocks.blocks.size() * chunks, [&](int64_t task) {
     const auto& blk = blocks.blocks[task / chunks];
-    int64_t m_begin = (task % chunks) * chunk;
-    int64_t m_end = std::min(rows_total, m_begin + chunk);
+    int64_t m0 = (task % chunks) * chunk;
+    int64_t m1 = std::min(rows_total, m0 + chunk);
+    // The contracted axis in blocks of seg_block segments, whose B stays
+    // in cache across the rows.
     for (int64_t s0 = 0; s0 < segments; s0 += seg_block) {
-      int64_t ns = std::min(seg_block, segments - s0);
-      const bf16* b = packed.data() + blk.offset + s0 * wo2 * blk.nv * 32;
-      for (int64_t m = m_begin; m < m_end; m += kRows) {
-        int mr = static_cast<int>(std::min<int64_t>(kRows, m_end - m));
-        const bf16* rows[kRows];
-        for (int r = 0; r < mr; ++r) {
-          int64_t t = (m + r) / c, k = (m + r) % c;
-          rows[r] = xpair.data() + ((t / g.kw) * wp + t % g.kw) * c * 2 +
-                    2 * k;
-        }
-        auto tile = s0 ? PickTile<true, float>(mr, blk.nv)
-                       : PickTile<false, float>(mr, blk.nv);
-        tile(rows, seg.data() + s0, ns, wo2, 4 * c, b,
-             dw + m * out_ch + blk.start, out_ch, blk.cols);
-      }
+      WeightGradRows(g, xpair.get(), seg.data() + s0,
+                     std::min(seg_block, segments - s0), wo2,
+                     packed.get() + blk.offset + s0 * wo2 * blk.nv * 32, blk,
+                     m0, m1, s0 > 0, dw, out_ch);
     }
   });
 }

@@ -19,7 +19,11 @@ needs_kernels = pytest.mark.skipif(
 
 # (x shape, kernel shape, padding): odd channel counts, output widths that
 # are not multiples of 16 or 64, asymmetric and no padding, 1x1 to 7x7, the
-# 2x2 phase kernels of unet.upsample_conv, odd output widths.
+# 2x2 phase kernels of unet.upsample_conv, odd output widths. The weight
+# gradient splits the first six over dw; the last two over the pixels (>= 2
+# blocks of >= 128 pixel pairs per thread of the 8-device test process's
+# pool), in uneven blocks, with two column blocks and an odd width in the
+# last one.
 SHAPES = [
     ((2, 9, 11, 6), (3, 3, 6, 5), ((1, 1), (1, 1))),
     ((1, 8, 8, 64), (7, 7, 64, 64), ((3, 3), (3, 3))),
@@ -27,6 +31,8 @@ SHAPES = [
     ((2, 6, 6, 16), (2, 2, 16, 130), ((1, 1), (1, 1))),
     ((2, 7, 5, 8), (3, 3, 8, 17), ((0, 2), (1, 0))),
     ((1, 4, 3, 3), (3, 3, 3, 1), ((1, 1), (1, 1))),
+    ((4, 24, 96, 5), (3, 3, 5, 7), ((1, 1), (1, 1))),
+    ((6, 18, 65, 33), (1, 1, 33, 70), ((0, 0), (0, 0))),
 ]
 
 

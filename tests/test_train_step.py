@@ -130,6 +130,17 @@ def test_fsdp_axis_shards_parameters_and_batch():
   assert train.batch_sharding(mesh).spec == P(('data', 'fsdp'))
 
 
+def test_global_norm_is_optax_tree_norm():
+  rs = np.random.RandomState(3)
+  tree = {'a': jnp.asarray(rs.randn(3, 3, 8, 16), jnp.float32),
+          'b': [jnp.asarray(rs.randn(7) * 100, jnp.float32),
+                jnp.asarray(rs.randn(2, 5), jnp.bfloat16)]}
+  got = jax.jit(train.global_norm)(tree)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, optax.tree.norm(tree), rtol=1e-6)
+  assert not np.isfinite(train.global_norm({'a': jnp.array([1.0, jnp.inf])}))
+
+
 @pytest.mark.parametrize('schedule, grad_clip, warmup, eps', [
     ('cosine', 1.0, 2, 1e-8), ('constant', 0.0, 0, 1e-3),
     ('constant', 5.0, 3, 0.1)])
