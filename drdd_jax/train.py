@@ -353,8 +353,9 @@ def global_norm(tree):
   """`optax.tree.norm(tree)`: the L2 norm of all of `tree`'s leaves.
 
   On CPU as one `vdot` per leaf (float32 sums): XLA:CPU runs a sum of
-  squares over a whole leaf as a chain of `reduce-window`s, and for aio5's
-  gradient the dots took half as long (docs/performance.md).
+  squares over a whole leaf as a chain of `reduce-window`s, slower than a
+  dot (`benchmarks/ab.py --change=global_norm`: 1.5-2 % off the aio5 train
+  step, docs/performance.md).
   """
   if jax.default_backend() != 'cpu':
     return optax.tree.norm(tree)
