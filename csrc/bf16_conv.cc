@@ -60,15 +60,16 @@ constexpr int64_t kCachedB = 256 << 10;  // bytes of packed B that stay in L2
 // contracted axis).
 constexpr int64_t kSplitSumBytes = 1 << 20;
 
-// Runs f(0, w) ... f(n - 1, w) on the caller and up to pool.num_threads() -
-// 1 pool threads; w < Workers(pool, n) numbers the thread that runs the
-// task. Tasks are claimed from a shared counter; a pool thread that starts
-// after all are claimed returns at once, so f is called only while the
-// caller waits for the claimed tasks.
+// The threads that run n tasks: the caller and up to pool.num_threads() - 1
+// pool threads.
 int64_t Workers(ffi::ThreadPool& pool, int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
 }
 
+// Runs f(0, w) ... f(n - 1, w) on Workers(pool, n) threads, w numbering the
+// thread that runs the task. Tasks are claimed from a shared counter; a pool
+// thread that starts after all are claimed returns at once, so f is called
+// only while the caller waits for the claimed tasks.
 template <typename F>
 void ParallelForWorkers(ffi::ThreadPool& pool, int64_t n, const F& f) {
   struct Counters {
@@ -534,12 +535,16 @@ void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
       }
       used[w] = 1;
     });
-    if (!used[0]) std::memset(dw, 0, size * sizeof(float));
-    for (int64_t w = 1; w < workers; ++w) {
-      if (!used[w]) continue;
-      const float* part = sums.get() + (w - 1) * size;
-      for (int64_t i = 0; i < size; ++i) dw[i] += part[i];
-    }
+    const int64_t span = 1 << 14;  // floats of dw per task of the sum
+    ParallelFor(pool, CeilDiv(size, span), [&](int64_t task) {
+      const int64_t i0 = task * span, i1 = std::min(size, i0 + span);
+      if (!used[0]) std::fill(dw + i0, dw + i1, 0.0f);
+      for (int64_t w = 1; w < workers; ++w) {
+        if (!used[w]) continue;
+        const float* part = sums.get() + (w - 1) * size;
+        for (int64_t i = i0; i < i1; ++i) dw[i] += part[i];
+      }
+    });
     return;
   }
 
