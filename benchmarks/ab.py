@@ -26,6 +26,8 @@ changes:
   fold_bias      `unet.GroupNorm` folding the convolution's bias and the
                  time embedding's FiLM into its factors, against adding them
                  as separate elementwise ops.
+  materialize    `unet.materialize` (GroupNorm's factors through an identity
+                 matmul) against an optimization barrier.
   global_norm    `train.global_norm` (the gradient's norm as dots) against
                  `optax.tree.norm` (train only).
   kernels        this build's `bf16_conv` kernels against another build's
@@ -109,6 +111,8 @@ def ffi_call_other(name, *args, **kwargs):
 # Per change: the `unet` attribute it replaces (or `(module, attribute)`),
 # the stand-in for the 'before' variant, and the two variants' names.
 CHANGES = {
+    'materialize': ('materialize', lambda *xs: jax.lax.optimization_barrier(xs),
+                    ('optimization barrier', 'identity matmul')),
     'global_norm': ((train, 'global_norm'), optax.tree.norm,
                     ('optax.tree.norm', 'vdot per leaf')),
     'kernels': ((jax.ffi, 'ffi_call'), ffi_call_other,

@@ -167,6 +167,29 @@ def sum_rows(*xs):
   return tuple(p.sum(axis=-2) for p in parts)
 
 
+def materialize(*xs):
+  """The [b, 1, 1, c] arrays `xs`, unchanged, computed apart from their users.
+
+  XLA fuses a small elementwise computation into every full-size loop that
+  reads it, and so recomputes it per pixel. On CPU each array goes through
+  a matmul by the identity, which XLA:CPU never fuses into a loop (exact
+  for finite values: one term times 1, the others times 0), so it is computed
+  once; an optimization barrier does not do that there, since XLA:CPU
+  removes barriers before it fuses. For GroupNorm's factors: the 256x256
+  restore 1.2-1.3x faster (`benchmarks/ab.py --change=materialize`,
+  docs/performance.md). Elsewhere an optimization barrier.
+  """
+  if jax.default_backend() != 'cpu':
+    return jax.lax.optimization_barrier(xs)
+  out = []
+  for x in xs:
+    b, c = x.shape[0], x.shape[-1]
+    eye = jnp.eye(c, dtype=x.dtype)
+    out.append(jnp.dot(x.reshape(b, c), eye,
+                       precision=jax.lax.Precision.HIGHEST).reshape(x.shape))
+  return tuple(out)
+
+
 def standardize_kernel(w):
   """Weight standardization: each output channel of `w` [..., out] to mean 0,
   variance 1 over its other axes (plus 1e-5).
@@ -330,10 +353,9 @@ class GroupNorm(nn.Module):
     if film is not None:
       film_scale, film_shift = (v.astype(jnp.float32) for v in film)
       mul, add = mul * (film_scale + 1), add * (film_scale + 1) + film_shift
-    # Materialize the [b, 1, 1, c] factors: fused into the elementwise loop,
-    # their group->channel broadcast is recomputed per pixel (1.6x slower
-    # in isolation).
-    mul, add = jax.lax.optimization_barrier((mul, add))
+    # Computed once: fused into the elementwise loops, the factors and their
+    # group->channel broadcast are recomputed per pixel.
+    mul, add = materialize(mul, add)
     return (x * mul + add).astype(self.dtype)
 
 

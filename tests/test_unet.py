@@ -121,6 +121,38 @@ def test_fast_layers_equal_the_reference_layers(pixels, in_channels):
   check(conv.apply, reference, p, x)
 
 
+def test_materialize_is_exact_and_keeps_the_factors_out_of_the_loop():
+  """`unet.materialize` returns its inputs bit for bit (values and
+  gradients), and on CPU the [b, 1, 1, c] factors reach the full-size loop
+  as computed arrays: no fusion of the compiled GroupNorm recomputes the
+  group -> channel broadcast per pixel."""
+  rs = np.random.RandomState(0)
+  a = jnp.asarray(rs.randn(3, 1, 1, 40) * 1e3, jnp.float32)
+  b = jnp.asarray(rs.randn(3, 1, 1, 40) * 1e-30, jnp.float32)
+  for got, want in zip(jax.jit(unet.materialize)(a, b), (a, b)):
+    np.testing.assert_array_equal(got, want)
+  g = jax.grad(lambda a: jnp.sum(unet.materialize(a)[0] * a))(a)
+  np.testing.assert_array_equal(g, 2 * a)
+  if jax.default_backend() != 'cpu':
+    return
+  gn = unet.GroupNorm(4)
+  x = jnp.ones((2, 8, 8, 16))
+  p = gn.init(jax.random.key(0), x)
+  hlo = jax.jit(gn.apply).lower(p, x).compile().as_text()
+  entry = hlo[hlo.index('\nENTRY'):]
+  loop = next(line for line in entry.splitlines()
+              if '= f32[2,8,8,16]' in line and ' fusion(' in line)
+  called = re.search(r'calls=(%[\w.\-]+)', loop).group(1)
+  body = hlo[hlo.index('\n' + called + ' '):]
+  body = body[:body.index('\n}')]
+  # Arithmetic on per-(example, channel or group) values inside the loop
+  # would be computed again for every pixel.
+  small = [line for line in body.splitlines()
+           if re.search(r'= f32\[2,(1,1,)?(4|16)\]', line)
+           and re.search(r' (multiply|add|subtract|rsqrt)\(', line)]
+  assert not small, body
+
+
 @pytest.mark.parametrize('k,padding,batch', [
     (1, None, 2), (3, None, 2), (7, None, 2), (3, None, 1),
     (2, ((1, 1), (1, 1)), 2)])
