@@ -9,8 +9,8 @@
 Each is skipped where it cannot be compiled (`optional=True`): bfloat16
 convolutions then stay on XLA's, allocations on glibc's.
 """
-import sys
 import os
+import sys
 
 import jaxlib
 from setuptools import Extension, setup

@@ -57,12 +57,17 @@ def block_cache_library() -> Optional[str]:
   return found[0] if found else None
 
 
+def _block_cache_release():
+  """The preloaded block cache's release function, or None."""
+  try:
+    return getattr(ctypes.CDLL(None), 'drdd_block_cache_release', None)
+  except (OSError, TypeError):  # No dynamic loader to ask (not Linux).
+    return None
+
+
 def block_cache_loaded() -> bool:
   """Whether this process runs with the block cache preloaded."""
-  try:
-    return hasattr(ctypes.CDLL(None), 'drdd_block_cache_release')
-  except (OSError, TypeError):  # No dynamic loader to ask (not Linux).
-    return False
+  return _block_cache_release() is not None
 
 
 def tune_malloc():
@@ -103,8 +108,9 @@ def release_freed():
   Also unmaps the blocks the block cache keeps for the next call of the
   program that freed them.
   """
-  if block_cache_loaded():
-    ctypes.CDLL(None).drdd_block_cache_release()
+  release = _block_cache_release()
+  if release is not None:
+    release()
   try:
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):  # Not glibc: nothing to do.
