@@ -26,6 +26,12 @@ changes:
   fold_bias      `unet.GroupNorm` folding the convolution's bias and the
                  time embedding's FiLM into its factors, against adding them
                  as separate elementwise ops.
+  linear_attention  `unet.LinearAttention` with v and the output projection
+                 folded into the context, against v and out made at full
+                 resolution and projected by 1x1 convolutions.
+  standardize    `unet.standardize_kernel`'s sums as products with a ones
+                 vector and its own gradient, against `unet.sum_rows` and
+                 autodiff's gradient.
   materialize    `unet.materialize` (GroupNorm's factors through an identity
                  matmul) against an optimization barrier.
   global_norm    `train.global_norm` (the gradient's norm as dots) against
@@ -76,6 +82,46 @@ class GroupNorm(nn.Module):
     return y if film is None else y * (film[0] + 1) + film[1]
 
 
+class LinearAttention(nn.Module):
+  """`unet.LinearAttention` before the fold: v and out at full resolution."""
+  heads: int
+  head_dim: int
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    b, width = x.shape[0], self.heads * self.head_dim
+    h = nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=self.dtype)(x)
+    qkv = unet.Conv(3 * width, 1, self.dtype, use_bias=False,
+                    precision=self.precision)(h)
+    q, k, v = jnp.split(qkv.reshape(b, -1, 3 * width), 3, axis=-1)
+    q = jax.nn.softmax(q.astype(jnp.float32).reshape(b, -1, self.heads,
+                                                     self.head_dim), axis=-1)
+    q = q.reshape(b, -1, width) * self.head_dim**-0.5
+    k = k.astype(jnp.float32)
+    k = jnp.exp(k - jax.lax.stop_gradient(k.max(axis=1, keepdims=True)))
+    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    context = jnp.einsum('bnc,bne->bce', k.astype(self.dtype), v,
+                         preferred_element_type=jnp.float32)
+    head = np.arange(width) // self.head_dim
+    context = (context[..., :-1] / context[..., -1:]) * (
+        head[:, None] == head[None, :])
+    out = jnp.einsum('bnc,bce->bne', q.astype(self.dtype),
+                     context.astype(self.dtype))
+    out = unet.Conv(x.shape[-1], 1, self.dtype, precision=self.precision)(
+        out.reshape(x.shape[:-1] + (-1,)))
+    return x + nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=self.dtype)(out)
+
+
+def standardize_kernel(w):
+  """`unet.standardize_kernel` before the ones-vector products."""
+  rows = w.reshape(-1, w.shape[-1])
+  mean = unet.sum_rows(rows)[0] / rows.shape[0]
+  var = unet.sum_rows(jnp.square(rows - mean))[0] / rows.shape[0]
+  return ((rows - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(w.shape)
+
+
 _CONV = unet.conv
 
 
@@ -117,6 +163,10 @@ CHANGES = {
                     ('optax.tree.norm', 'vdot per leaf')),
     'kernels': ((jax.ffi, 'ffi_call'), ffi_call_other,
                 ('--other_kernels', "this build's kernels")),
+    'linear_attention': ('LinearAttention', LinearAttention,
+                         ('v and out at full size', 'folded into context')),
+    'standardize': ('standardize_kernel', standardize_kernel,
+                    ('sum_rows, autodiff', 'ones-vector products')),
     'fold_bias': ('GroupNorm', GroupNorm,
                   ('bias and FiLM apart', 'bias and FiLM folded')),
     'upsample_conv': ('upsample_conv',
@@ -196,6 +246,15 @@ def sample_calls(config, change, size: int):
   return calls
 
 
+def aio5_config():
+  """configs/aio5.py's default config (loaded from the file)."""
+  spec = importlib.util.spec_from_file_location('aio5', os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'aio5.py'))
+  aio5 = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(aio5)
+  return aio5.get_config()
+
+
 def main():
   host_memory.tune_malloc()
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -211,11 +270,7 @@ def main():
       parser.error('--change=kernels needs --other_kernels and a CPU where '
                    "bf16_conv's kernels run")
     register_other_kernels(args.other_kernels)
-  spec = importlib.util.spec_from_file_location('aio5', os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'aio5.py'))
-  aio5 = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(aio5)
-  config = aio5.get_config()
+  config = aio5_config()
   calls = (train_calls(config, args.change) if args.what == 'train'
            else sample_calls(config, args.change, int(args.what)))
   wall = {name: [] for name in calls}

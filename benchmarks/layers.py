@@ -1,19 +1,31 @@
-"""Micro-benchmark: the UNet's norm layers against their textbook forms.
+"""Micro-benchmark: the UNet's layers against their textbook or earlier forms.
 
-  python benchmarks/layers.py
+  python benchmarks/layers.py [SECTION ...]
 
-GroupNorm (`nn.GroupNorm` vs `unet.GroupNorm`, alone and with FiLM + SiLU;
-gradients for the parameters, the input and the FiLM factors) and weight
-standardization (`mean(axis=(0, 1, 2))` vs `unet.standardize_kernel`),
-forward and forward+backward, under `unet.compiler_options()`; then the
-elementwise work around a convolution in float32 against bfloat16 (SiLU,
-GroupNorm's `x * mul + add` with SiLU and its gradient, the conversions).
+Sections (all by default), each timed forward and forward+backward under
+`unet.compiler_options()`:
+
+  group_norm        `nn.GroupNorm` vs `unet.GroupNorm`, alone and with FiLM +
+                    SiLU (gradients for the parameters, the input and FiLM).
+  standardize       weight standardization: `mean(axis=(0, 1, 2))` vs
+                    `unet.standardize_kernel` on a [3, 3, 512, 512] kernel,
+                    then all of aio5's WSConv kernels at once, against the
+                    `sum_rows` form it replaced (`ab.standardize_kernel`).
+  linear_attention  `unet.LinearAttention` against the form before the fold
+                    (`ab.LinearAttention`) at the network's largest shapes.
+  elementwise       the elementwise work around a convolution in float32
+                    against bfloat16 (SiLU, GroupNorm's `x * mul + add` with
+                    SiLU and its gradient, the conversions).
+
 docs/performance.md quotes it.
 """
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import ab  # benchmarks/ab.py: the earlier forms
 from drdd_jax import unet
 from drdd_jax.bench import median_call_s
 
@@ -29,8 +41,7 @@ def ws_textbook(w):
   return (w - mean) * jax.lax.rsqrt(var + 1e-5)
 
 
-def main():
-  key = jax.random.key(0)
+def group_norm(key):
   norms = {'nn.GroupNorm': nn.GroupNorm(8, epsilon=1e-5),
            'unet.GroupNorm': unet.GroupNorm(8)}
   for shape in [(1, 256, 256, 64), (8, 64, 64, 64)]:
@@ -50,6 +61,9 @@ def main():
       bench(f'{tag} +FiLM+SiLU fwd+bwd', lambda p, x, film, block=block: jax.grad(
           lambda *a: jnp.sum(block(*a) * x), argnums=(0, 1, 2))(p, x, film),
             p, x, film)
+
+
+def standardize(key):
   w = jax.random.normal(key, (3, 3, 512, 512))
   g = jax.random.normal(jax.random.key(1), w.shape)
   for name, f in (('mean(axis=(0, 1, 2))', ws_textbook),
@@ -57,10 +71,34 @@ def main():
     bench(f'weight standardization {name} fwd', f, w)
     bench(f'weight standardization {name} fwd+bwd',
           lambda w, f=f: jax.vjp(f, w)[1](g)[0], w)
-  elementwise_dtypes(key)
+  model = unet.create_model(ab.aio5_config().model)
+  params = jax.eval_shape(lambda: unet.init_params(model, key))
+  kernels = [jax.random.normal(key, leaf.shape) for path, leaf in
+             jax.tree_util.tree_leaves_with_path(params)
+             if 'WSConv' in jax.tree_util.keystr(path) and leaf.ndim == 4]
+  for name, f in (('sum_rows (before)', ab.standardize_kernel),
+                  ('unet.standardize_kernel', unet.standardize_kernel)):
+    tag = f'all {len(kernels)} WSConv kernels of aio5, {name}'
+    bench(f'{tag} fwd', lambda ks, f=f: [f(k) for k in ks], kernels)
+    bench(f'{tag} fwd+bwd', lambda ks, f=f: jax.vjp(
+        lambda ks: [f(k) for k in ks], ks)[1](ks)[0], kernels)
 
 
-def elementwise_dtypes(key, shape=(8, 64, 64, 64)):
+def linear_attention(key):
+  for shape in [(8, 64, 64, 64), (1, 256, 256, 64)]:
+    x = jax.random.normal(key, shape)
+    for name, layer in (('before the fold', ab.LinearAttention),
+                        ('unet.LinearAttention', unet.LinearAttention)):
+      attn = layer(4, 32, precision=jnp.bfloat16)
+      p = attn.init(key, x)
+      tag = f'linear attention {shape}, {name}'
+      bench(f'{tag} fwd', attn.apply, p, x)
+      bench(f'{tag} fwd+bwd', lambda p, x, attn=attn: jax.grad(
+          lambda p, x: jnp.sum(attn.apply(p, x) * x), argnums=(0, 1))(p, x),
+            p, x)
+
+
+def elementwise(key, shape=(8, 64, 64, 64)):
   """XLA:CPU's elementwise ops in float32 and in bfloat16."""
   x32 = jax.random.normal(key, shape)
   mul32, add32 = jax.random.normal(key, (2, shape[0], 1, 1, shape[-1]))
@@ -76,6 +114,17 @@ def elementwise_dtypes(key, shape=(8, 64, 64, 64)):
   bench(f'float32 to bfloat16 {shape}', lambda x: x.astype(jnp.bfloat16), x32)
   bench(f'bfloat16 to float32 {shape}', lambda x: x.astype(jnp.float32),
         x32.astype(jnp.bfloat16))
+
+
+SECTIONS = {'group_norm': group_norm, 'standardize': standardize,
+            'linear_attention': linear_attention, 'elementwise': elementwise}
+
+
+def main():
+  for name in sys.argv[1:] or SECTIONS:
+    if name not in SECTIONS:
+      raise SystemExit(f'Unknown section {name!r}; known: {", ".join(SECTIONS)}.')
+    SECTIONS[name](jax.random.key(0))
 
 
 if __name__ == '__main__':
