@@ -145,7 +145,9 @@ def test_conv_budget_finds_every_convolution(remat):
   """benchmarks/conv_budget.py: one convolution per 4-D kernel, at the
   shapes of the pass (the stem, the downsampling levels and the upsampling
   convolution checked). An upsampling 3x3 kernel runs as one 2x2
-  convolution with 4x the outputs (`unet.upsample_conv`)."""
+  convolution with 4x the outputs (`unet.upsample_conv`); a linear
+  attention convolves with the q and k columns of its qkv kernel (`Conv_0`)
+  and folds its output projection (`Conv_1`) into a matmul."""
   import jax  # pylint: disable=g-import-not-at-top
   import configs.aio5 as aio5  # pylint: disable=g-import-not-at-top
   from drdd_jax import train, unet  # pylint: disable=g-import-not-at-top
@@ -157,7 +159,13 @@ def test_conv_budget_finds_every_convolution(remat):
   model = train.create_model(config)
   params = jax.eval_shape(lambda r: unet.init_params(model, r),
                           jax.random.key(0))
-  kernels = [k.shape for k in jax.tree.leaves(params) if k.ndim == 4]
+  kernels = []
+  for path, k in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    if k.ndim != 4 or 'LinearAttention' in name and 'Conv_1' in name:
+      continue
+    qk = 'LinearAttention' in name and 'Conv_0' in name
+    kernels.append(k.shape[:3] + (k.shape[3] * 2 // 3,) if qk else k.shape)
   assert sum(convs.values()) == len(kernels)
   as_param = lambda k: (3, 3, k[2], k[3] // 4) if k[0] == 2 else k
   found = [as_param(rhs) for (_, rhs, _), n in convs.items()
