@@ -123,7 +123,8 @@ SECTIONS = {'group_norm': group_norm, 'standardize': standardize,
 def main():
   for name in sys.argv[1:] or SECTIONS:
     if name not in SECTIONS:
-      raise SystemExit(f'Unknown section {name!r}; known: {", ".join(SECTIONS)}.')
+      raise SystemExit(
+          f'Unknown section {name!r}; known: {", ".join(SECTIONS)}.')
     SECTIONS[name](jax.random.key(0))
 
 

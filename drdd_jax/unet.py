@@ -465,8 +465,8 @@ class LinearAttention(nn.Module):
   The maths is unchanged (tested against the per-head formulation); XLA:CPU
   ran the per-head einsums and the pixel-axis softmax several times slower
   than these matmuls, and the reassociation halves their FLOPs at the
-  64-channel levels. The qk projection stays a 1x1 convolution (at `precision`);
-  the folded products are computed in `dtype`.
+  64-channel levels. The qk projection stays a 1x1 convolution (at
+  `precision`); the folded products are computed in `dtype`.
   """
   heads: int
   head_dim: int
