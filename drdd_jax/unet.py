@@ -148,6 +148,11 @@ def upsample_conv(x, w, precision=None):
   return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * wd, out)
 
 
+def _splits_sums(n: int) -> bool:
+  """Whether `sum_rows` sums `n` rows in blocks of 32 (below: plainly)."""
+  return n >= 4096 and n % 32 == 0 and jax.default_backend() == 'cpu'
+
+
 def sum_rows(*xs):
   """`x.sum(axis=-2)` for each of the [..., n, c] arrays `xs` (one shape).
 
@@ -159,7 +164,7 @@ def sum_rows(*xs):
   was slower at some shapes, and off CPU (docs/performance.md).
   """
   n = xs[0].shape[-2]
-  if n < 4096 or n % 32 or jax.default_backend() != 'cpu':
+  if not _splits_sums(n):
     return tuple(x.sum(axis=-2) for x in xs)
   parts = jax.lax.optimization_barrier(tuple(
       x.reshape(x.shape[:-2] + (n // 32, 32, x.shape[-1])).sum(axis=-2)
@@ -214,7 +219,7 @@ def _row_means(*xs):
   (4096 rows or more), which were faster there.
   """
   n = xs[0].shape[0]
-  if n >= 4096 and n % 32 == 0:
+  if _splits_sums(n):
     return tuple(s / n for s in sum_rows(*xs))
   ones = jnp.full((n,), 1 / n, xs[0].dtype)
   return tuple(jnp.dot(ones, x, precision=jax.lax.Precision.HIGHEST)
