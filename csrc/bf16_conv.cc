@@ -26,8 +26,11 @@
 // Where dw is small and the images large (the network's high resolutions),
 // the weight gradient is split over q: each task packs A and B for its own
 // block of output rows (they stay in cache; x and gy are read once) and sums
-// into its thread's copy of dw; elsewhere it is split over dw's rows, from A
-// and B packed for all of q.
+// into its group's copy of dw (fixed groups of consecutive blocks, added in
+// order at the end); elsewhere it is split over dw's rows, from A and B
+// packed for all of q. Every sum runs in an order fixed by the shapes and
+// the pool's size, not by which thread took which task: a call returns the
+// same bits every time.
 // Work is split into tasks over XLA's intra-op thread pool; the caller works
 // too, so a call never waits for a pool thread that is busy elsewhere.
 
@@ -136,10 +139,15 @@ DRDD_TARGET void Tile(const bf16* const* rows, const int64_t* seg,
       }
     }
   }
-  for (int64_t s = 0; s < num_segments; ++s) {
+  // Callers pass num_segments, seg_len >= 1: do-while loops, so that the
+  // compiler need not merge a path that skips them (it did so through the
+  // stack, storing and reloading every accumulator).
+  int64_t s = 0;
+  do {
     const bf16* a[MR];
     for (int r = 0; r < MR; ++r) a[r] = rows[r] + seg[s];
-    for (int64_t k = 0; k < seg_len; ++k) {
+    int64_t k = 0;
+    do {
       __m512bh bv[NV];
       for (int j = 0; j < NV; ++j) {
         bv[j] = (__m512bh)_mm512_loadu_si512(b + 32 * j);
@@ -153,8 +161,8 @@ DRDD_TARGET void Tile(const bf16* const* rows, const int64_t* seg,
           acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
         }
       }
-    }
-  }
+    } while (++k < seg_len);
+  } while (++s < num_segments);
   for (int r = 0; r < MR; ++r) {
     for (int j = 0; j < NV; ++j) {
       if constexpr (sizeof(Out) == 2) {
@@ -509,39 +517,43 @@ void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
   if (size * int64_t{sizeof(float)} <= kSplitSumBytes &&
       image_block * wo2 >= kPairsPerBlock / 2 && q_blocks >= 2 * workers) {
     // Split over the contracted axis: a task sums one block of output rows
-    // of one image into its worker's dw, from A and B packed for that block
-    // alone (they stay in cache, and x and gy are read once); worker 0
-    // sums into dw itself, the others' sums are added at the end.
+    // of one image, from A and B packed for that block alone (they stay in
+    // cache, and x and gy are read once). The blocks are summed in a fixed
+    // number of groups of consecutive blocks, each into its own copy of dw
+    // (group 0 into dw itself), and the groups' sums are added in order at
+    // the end: the result does not depend on which thread took which group.
+    const int64_t groups = std::min(q_blocks, 2 * workers);
     const int64_t a_size = (image_block + g.kh - 1) * wp * c * 2;
     const int64_t b_size = image_block * wo2 * kCols * 2;
     auto a_buf = Scratch<bf16>(workers * a_size);
     auto b_buf = Scratch<bf16>(workers * b_size);
-    auto sums = Scratch<float>((workers - 1) * size);
-    std::vector<char> used(workers, 0);
+    auto sums = Scratch<float>((groups - 1) * size);
     std::vector<int64_t> seg(image_block);
     for (int64_t s = 0; s < image_block; ++s) seg[s] = s * wp * c * 2;
     ColumnBlocks blocks(out_ch, 0);
-    ParallelForWorkers(pool, q_blocks, [&](int64_t task, int64_t w) {
-      const int64_t b = task / row_blocks, i0 = task % row_blocks * image_block;
-      const int64_t ns = std::min(image_block, ho - i0);
+    ParallelForWorkers(pool, groups, [&](int64_t group, int64_t w) {
       bf16* a = a_buf.get() + w * a_size;
       bf16* packed = b_buf.get() + w * b_size;
-      float* out = w ? sums.get() + (w - 1) * size : dw;
-      PairRows(g, x, b, i0, i0 + ns + g.kh - 1, a);
-      for (const auto& blk : blocks.blocks) {
-        PackGradRows(gy, wo, out_ch, blk, b * ho + i0, ns, packed);
-        WeightGradRows(g, a, seg.data(), ns, wo2, packed, blk, 0, rows_total,
-                       used[w], out, out_ch);
+      float* out = group ? sums.get() + (group - 1) * size : dw;
+      const int64_t first = group * q_blocks / groups;
+      const int64_t last = (group + 1) * q_blocks / groups;
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t b = task / row_blocks;
+        const int64_t i0 = task % row_blocks * image_block;
+        const int64_t ns = std::min(image_block, ho - i0);
+        PairRows(g, x, b, i0, i0 + ns + g.kh - 1, a);
+        for (const auto& blk : blocks.blocks) {
+          PackGradRows(gy, wo, out_ch, blk, b * ho + i0, ns, packed);
+          WeightGradRows(g, a, seg.data(), ns, wo2, packed, blk, 0,
+                         rows_total, task > first, out, out_ch);
+        }
       }
-      used[w] = 1;
     });
     const int64_t span = 1 << 14;  // floats of dw per task of the sum
     ParallelFor(pool, CeilDiv(size, span), [&](int64_t task) {
       const int64_t i0 = task * span, i1 = std::min(size, i0 + span);
-      if (!used[0]) std::fill(dw + i0, dw + i1, 0.0f);
-      for (int64_t w = 1; w < workers; ++w) {
-        if (!used[w]) continue;
-        const float* part = sums.get() + (w - 1) * size;
+      for (int64_t group = 1; group < groups; ++group) {
+        const float* part = sums.get() + (group - 1) * size;
         for (int64_t i = i0; i < i1; ++i) dw[i] += part[i];
       }
     });

@@ -104,6 +104,22 @@ def test_kernels_match_xla(x_shape, w_shape, padding, dtypes):
   _close(dw, ref_dw, 1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize('x_shape, w_shape, padding', SHAPES[6:] + [
+    ((8, 64, 64, 64), (3, 3, 64, 64), ((1, 1), (1, 1)))])
+def test_weight_gradient_is_deterministic(x_shape, w_shape, padding):
+  """Split over the pixels, the weight gradient's partial sums are added in
+  a fixed order: the same bits on every call (they varied from call to call
+  when each thread summed the blocks it happened to take)."""
+  rng = np.random.default_rng(4)
+  y_shape = _reference(jnp.zeros(x_shape), jnp.zeros(w_shape), padding).shape
+  x, g = _random(rng, x_shape), _random(rng, y_shape)
+  wgrad = jax.jit(bf16_conv.conv_weight_gradient, static_argnums=(2, 3))
+  first = np.asarray(wgrad(x, g, w_shape[:2], padding))
+  for _ in range(10):
+    np.testing.assert_array_equal(wgrad(x, g, w_shape[:2], padding), first)
+
+
 def _grads(conv, x, w, g):
   return jax.vjp(conv, x, w)[1](g)
 
