@@ -16,8 +16,10 @@ import jaxlib
 from setuptools import Extension, setup
 
 extensions = [Extension(
-    'drdd_jax._bf16_conv', sources=['csrc/bf16_conv.cc'],
-    include_dirs=[os.path.join(os.path.dirname(jaxlib.__file__), 'include')],
+    'drdd_jax._bf16_conv',
+    sources=['csrc/bf16_conv.cc', 'csrc/linear_attention.cc'],
+    include_dirs=['csrc',
+                  os.path.join(os.path.dirname(jaxlib.__file__), 'include')],
     extra_compile_args=['-std=c++17', '-O3'], language='c++',
     optional=True)]
 if sys.platform.startswith('linux'):

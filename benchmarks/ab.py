@@ -19,6 +19,9 @@ changes:
   bf16_conv      `drdd_jax.bf16_conv`'s kernels against XLA's bfloat16
                  convolutions (the default `training.conv_precision` where
                  the kernels run, or `training.compute_dtype` bfloat16).
+  attention_kernels  `unet.LinearAttention`'s softmax products on the
+                 float32 kernels (`csrc/linear_attention.cc`; without a
+                 gradient: the sampler), against XLA's ops.
   conv_io        a float32 network's bfloat16 convolutions as casts to
                  bfloat16 around the kernels (XLA fuses them into the
                  neighbouring ops), against the kernels reading and writing
@@ -184,6 +187,9 @@ CHANGES = {
                   ("XLA's bfloat16 convolutions", "bf16_conv's kernels")),
     'conv_io': ('conv', conv_float32_io,
                 ('kernels on float32', 'kernels on bfloat16 casts')),
+    'attention_kernels': ('_attend_on_kernels',
+                          lambda *args: unet._attend(*args),  # pylint: disable=protected-access
+                          ("XLA's softmax products", 'float32 kernels')),
 }
 
 

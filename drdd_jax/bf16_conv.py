@@ -21,7 +21,9 @@ import numpy as np
 
 _DISABLED = []  # `disabled()` contexts entered
 _TARGETS = {'drdd_bf16_conv': 'DrddBf16Conv',
-            'drdd_bf16_conv_wgrad': 'DrddBf16ConvWeightGrad'}
+            'drdd_bf16_conv_wgrad': 'DrddBf16ConvWeightGrad',
+            'drdd_la_context': 'DrddLinearAttentionContext',
+            'drdd_la_output': 'DrddLinearAttentionOutput'}
 
 
 @functools.cache
@@ -109,3 +111,39 @@ def conv_weight_gradient(x, g, kernel_size, padding):
   out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], g.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call('drdd_bf16_conv_wgrad', out)(
       x, g, **_attrs(padding))
+
+
+def linear_attention_context(qk, h):
+  """The linear attention's pixel-axis product (`csrc/linear_attention.cc`).
+
+  Args:
+    qk: [B, N, 2W] bfloat16, the queries then the keys of N pixels.
+    h: [B, N, D] float32, D a multiple of 16 (W too).
+
+  Returns:
+    [B, W, D + 1] float32: e^T h and, in the last column, e's column sums,
+    with e = exp(k - max over the pixels of k).
+  """
+  _library()
+  b, _, w2 = qk.shape
+  out = jax.ShapeDtypeStruct((b, w2 // 2, h.shape[-1] + 1), jnp.float32)
+  return jax.ffi.ffi_call('drdd_la_context', out)(qk, h)
+
+
+def linear_attention_output(qk, context, bias, head_dim: int):
+  """The linear attention's output product (`csrc/linear_attention.cc`).
+
+  Args:
+    qk: [B, N, 2W] bfloat16, the queries then the keys.
+    context: [B, W, F] float32, F a multiple of 16.
+    bias: [F] float32.
+    head_dim: each head's channels of q (a multiple of 16).
+
+  Returns:
+    [B, N, F] float32: softmax(q) head_dim^-1/2 context + bias, the softmax
+    over each head's channels.
+  """
+  _library()
+  out = jax.ShapeDtypeStruct(qk.shape[:2] + context.shape[-1:], jnp.float32)
+  return jax.ffi.ffi_call('drdd_la_output', out)(
+      qk, context, bias, head_dim=np.int64(head_dim))

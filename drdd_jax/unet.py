@@ -472,6 +472,11 @@ class LinearAttention(nn.Module):
   than these matmuls, and the reassociation halves their FLOPs at the
   64-channel levels. The qk projection stays a 1x1 convolution (at
   `precision`); the folded products are computed in `dtype`.
+
+  Evaluated without a gradient (the sampler), a float32 layer with
+  bfloat16 qk projection runs the two softmax products on `bf16_conv`'s
+  float32 kernels where `bf16_conv.enabled()` (`_attend_on_kernels`; its
+  gradient is `_attend`'s, so training computes as before).
   """
   heads: int
   head_dim: int
@@ -481,32 +486,77 @@ class LinearAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, c, width = x.shape[0], x.shape[-1], self.heads * self.head_dim
-    f32 = jnp.float32
     h = nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=self.dtype)(x)
     w_qkv, _ = Projection(3 * width, use_bias=False, name='Conv_0')(c)
-    qk = conv(h, w_qkv[None, None, :, :2 * width], precision=self.precision)
-    q, k = jnp.split(qk.reshape(b, -1, 2 * width), 2, axis=-1)
-    # Softmax statistics in float32 even under bf16 compute.
-    q = jax.nn.softmax(q.astype(f32).reshape(b, -1, self.heads,
-                                             self.head_dim), axis=-1)
-    q = q.reshape(b, -1, width) * self.head_dim**-0.5
-    k = k.astype(f32)
-    # Any per-channel shift leaves the softmax unchanged: no gradient.
-    k = jnp.exp(k - jax.lax.stop_gradient(k.max(axis=1, keepdims=True)))
-    h = h.reshape(b, -1, c)
-    h = jnp.concatenate([h, jnp.ones(h.shape[:-1] + (1,), h.dtype)], axis=-1)
-    kh = jnp.einsum('bnc,bnd->bcd', k.astype(self.dtype), h,
-                    preferred_element_type=f32)
-    context = jnp.einsum('bcd,de->bce', kh[..., :-1] / kh[..., -1:],
-                         w_qkv[:, 2 * width:].astype(f32))
-    head = np.arange(width) // self.head_dim
-    context = context * (head[:, None] == head[None, :])
+    w_qk, w_v = w_qkv[None, None, :, :2 * width], w_qkv[:, 2 * width:]
+    kernels = (bf16_conv.enabled() and self.dtype == jnp.float32
+               and self.precision is not None
+               and jnp.dtype(self.precision) == jnp.bfloat16
+               and self.head_dim % 16 == 0 and c % 16 == 0)
+    if kernels:  # The same bfloat16 values, not cast to float32.
+      qk = conv(h.astype(jnp.bfloat16), w_qk)
+    else:
+      qk = conv(h, w_qk, precision=self.precision)
     w_out, bias = Projection(c, name='Conv_1')(width)
-    context = jnp.einsum('bce,ef->bcf', context, w_out.astype(f32))
-    out = jnp.einsum('bnc,bcf->bnf', q.astype(self.dtype),
-                     context.astype(self.dtype)) + bias.astype(self.dtype)
+    args = (qk.reshape(b, -1, 2 * width), h.reshape(b, -1, c), w_v, w_out,
+            bias, self.heads, self.head_dim)
+    out = (_attend_on_kernels(*args) if kernels
+           else _attend(*args, dtype=self.dtype))
     out = out.reshape(x.shape)
     return x + nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=self.dtype)(out)
+
+
+def _attend(qk, h, w_v, w_out, bias, heads, head_dim, dtype=jnp.float32):
+  """`LinearAttention`'s attention of its normalized input h [B, N, C], from
+  qk [B, N, 2 width] (queries, keys): out [B, N, C] before the last norm."""
+  f32 = jnp.float32
+  q, k = jnp.split(qk, 2, axis=-1)
+  # Softmax statistics in float32 even under bf16 compute.
+  q = jax.nn.softmax(q.astype(f32).reshape(q.shape[:2] + (heads, head_dim)),
+                     axis=-1)
+  q = q.reshape(k.shape) * head_dim**-0.5
+  k = k.astype(f32)
+  # Any per-channel shift leaves the softmax unchanged: no gradient.
+  k = jnp.exp(k - jax.lax.stop_gradient(k.max(axis=1, keepdims=True)))
+  h = jnp.concatenate([h, jnp.ones(h.shape[:-1] + (1,), h.dtype)], axis=-1)
+  kh = jnp.einsum('bnc,bnd->bcd', k.astype(dtype), h,
+                  preferred_element_type=f32)
+  context = _context(kh, w_v, w_out, heads, head_dim)
+  return jnp.einsum('bnc,bcf->bnf', q.astype(dtype),
+                    context.astype(dtype)) + bias.astype(dtype)
+
+
+def _context(kh, w_v, w_out, heads, head_dim):
+  """The block-diagonal context folded with Wv and Wo, from kh [B, width,
+  C + 1] (softmax(k)'s numerator times [h, 1]): [B, width, C]."""
+  f32 = jnp.float32
+  context = jnp.einsum('bcd,de->bce', kh[..., :-1] / kh[..., -1:],
+                       w_v.astype(f32))
+  head = np.arange(heads * head_dim) // head_dim
+  context = context * (head[:, None] == head[None, :])
+  return jnp.einsum('bce,ef->bcf', context, w_out.astype(f32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attend_on_kernels(qk, h, w_v, w_out, bias, heads, head_dim):
+  """`_attend` in float32 of bfloat16 qk, on `bf16_conv`'s kernels; its
+  gradient is `_attend`'s (the forward pass then runs as `_attend`)."""
+  kh = bf16_conv.linear_attention_context(qk, h)
+  context = _context(kh, w_v, w_out, heads, head_dim)
+  return bf16_conv.linear_attention_output(qk, context, bias, head_dim)
+
+
+def _attend_on_kernels_fwd(qk, h, w_v, w_out, bias, heads, head_dim):
+  return jax.vjp(functools.partial(_attend, heads=heads, head_dim=head_dim),
+                 qk, h, w_v, w_out, bias)
+
+
+def _attend_on_kernels_bwd(heads, head_dim, vjp, g):
+  del heads, head_dim
+  return vjp(g)
+
+
+_attend_on_kernels.defvjp(_attend_on_kernels_fwd, _attend_on_kernels_bwd)
 
 
 class Attention(nn.Module):

@@ -213,3 +213,84 @@ def test_auto_conv_precision_follows_the_kernels(monkeypatch):
   assert train.conv_precision(config) is None
   # The tests' config keeps exact float32 convolutions on every machine.
   assert train.conv_precision(aio5.get_config('tiny')) is None
+
+
+def _attention_inputs(b, n, d, width, f, seed=5):
+  rng = np.random.default_rng(seed)
+  return (_random(rng, (b, n, 2 * width), scale=3.0),
+          _random(rng, (b, n, d), jnp.float32),
+          _random(rng, (b, width, f), jnp.float32),
+          _random(rng, (f,), jnp.float32))
+
+
+# (batch, pixels, D, width, F, head_dim): pixels not a multiple of the
+# kernels' blocks of 64 and tiles of 6; aio5's top level; more than four
+# 16-column vectors of D and F.
+ATTENTION_SHAPES = [(2, 1001, 16, 32, 48, 16), (1, 4096, 64, 128, 64, 32),
+                    (3, 257, 80, 64, 96, 32)]
+
+
+@needs_kernels
+@pytest.mark.parametrize('b, n, d, width, f, head_dim', ATTENTION_SHAPES)
+def test_linear_attention_kernels_match_xla(b, n, d, width, f, head_dim):
+  """The two softmax products against jnp's (float32, exact products), and
+  the same bits on every call."""
+  qk, h, ctx, bias = _attention_inputs(b, n, d, width, f)
+  q, k = (a.astype(jnp.float32) for a in jnp.split(qk, 2, axis=-1))
+  e = jnp.exp(k - k.max(axis=1, keepdims=True))
+  ref = jnp.einsum('bnc,bnd->bcd', e, jnp.concatenate(
+      [h, jnp.ones((b, n, 1))], -1), precision='highest')
+  context = jax.jit(bf16_conv.linear_attention_context)
+  got = context(qk, h)
+  assert got.shape == (b, width, d + 1) and got.dtype == jnp.float32
+  _close(got, ref, 1e-5)
+  np.testing.assert_array_equal(context(qk, h), got)
+
+  p = jax.nn.softmax(q.reshape(b, n, -1, head_dim), -1).reshape(q.shape)
+  ref = jnp.einsum('bnc,bcf->bnf', p * head_dim**-0.5, ctx,
+                   precision='highest') + bias
+  got = jax.jit(bf16_conv.linear_attention_output, static_argnums=3)(
+      qk, ctx, bias, head_dim)
+  assert got.shape == (b, n, f) and got.dtype == jnp.float32
+  _close(got, ref, 1e-5)
+
+
+@needs_kernels
+def test_linear_attention_kernels_keep_nan():
+  qk, h, ctx, bias = _attention_inputs(1, 100, 16, 32, 16)
+  qk = qk.at[0, 7, 3].set(jnp.nan).at[0, 9, 40].set(jnp.nan)
+  assert jnp.isnan(bf16_conv.linear_attention_context(qk, h)[0, 8]).all()
+  out = bf16_conv.linear_attention_output(qk, ctx, bias, 16)
+  assert jnp.isnan(out[0, 7]).all() and not jnp.isnan(out[0, 8]).any()
+
+
+@needs_kernels
+def test_linear_attention_on_the_kernels(monkeypatch):
+  """Without a gradient, a float32 `unet.LinearAttention` with bfloat16 qk
+  projection runs its softmax products on the kernels: the output within
+  float32 roundings of XLA's ops, and the gradient (XLA's ops) the same
+  bits."""
+  monkeypatch.setattr(bf16_conv, 'enabled', lambda: True)
+  heads, head_dim = 4, 32
+  qk, h, _, _ = _attention_inputs(2, 1000, 64, heads * head_dim, 64)
+  rng = np.random.default_rng(6)
+  w_v, w_out = (_random(rng, s, jnp.float32, 0.1) for s in ((64, 128),
+                                                              (128, 64)))
+  args = (qk, h, w_v, w_out, _random(rng, (64,), jnp.float32))
+  fused = lambda *a: unet._attend_on_kernels(*a, heads, head_dim)  # pylint: disable=protected-access
+  plain = lambda *a: unet._attend(*a, heads, head_dim)  # pylint: disable=protected-access
+  _close(jax.jit(fused)(*args), jax.jit(plain)(*args), 1e-5)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a)**2),
+                            argnums=range(5)))(*args) for f in (fused, plain)]
+  jax.tree.map(np.testing.assert_array_equal, *grads)
+
+  x = _random(rng, (1, 16, 16, 64), jnp.float32)
+  for dtype, precision, kernels in ((jnp.float32, jnp.bfloat16, True),
+                                    (jnp.float32, None, False),
+                                    (jnp.bfloat16, None, False)):
+    layer = unet.LinearAttention(heads, head_dim, dtype, precision)
+    params = layer.init(jax.random.key(0), x)
+    assert ('drdd_la_output' in str(jax.make_jaxpr(layer.apply)(params, x))
+            ) == kernels
+    assert 'drdd_la' not in str(jax.make_jaxpr(jax.grad(
+        lambda p: jnp.sum(layer.apply(p, x))))(params))
