@@ -1,19 +1,23 @@
-// The two softmax products of unet.LinearAttention, float32, as XLA FFI
-// handlers for x86 CPUs with AVX-512 (drdd_jax/bf16_conv.py), used where the
-// network is evaluated without a gradient (the sampler). With qk [B, N, 2W]
-// bfloat16 (the qk projection's output: q = qk[..., :W], k = qk[..., W:]):
+// The two softmax products of unet.LinearAttention and their gradients,
+// float32, as XLA FFI handlers for x86 CPUs with AVX-512
+// (drdd_jax/bf16_conv.py). With qk [B, N, 2W] bfloat16 (the qk projection's
+// output: q = qk[..., :W], k = qk[..., W:]), h [B, N, D] float32:
 //
-//   drdd_la_context: kh[b, c, d] = sum_n exp(k[b, n, c] - m[b, c]) h[b, n, d]
-//                    for d < D, kh[b, c, D] = sum_n exp(k[b, n, c] - m[b, c]),
-//                    m[b, c] = max_n k[b, n, c]; h [B, N, D] float32.
-//   drdd_la_output:  out[b, n, f] = sum_c p[b, n, c] ctx[b, c, f] + bias[f],
-//                    p = softmax of q over each head's `head_dim` channels,
-//                    times head_dim^-1/2; ctx [B, W, F], bias [F], float32.
+//   drdd_la_context:  kh[b, c, d] = sum_n e[b, n, c] h[b, n, d] for d < D,
+//                     kh[b, c, D] = sum_n e[b, n, c], with e = exp(k - m),
+//                     m[b, c] = max_n k[b, n, c] (also returned);
+//   drdd_la_output:   out[b, n, f] = sum_c p[b, n, c] ctx[b, c, f] + bias[f],
+//                     p = the softmax of q over each head's `head_dim`
+//                     channels times head_dim^-1/2; ctx [B, W, F];
+//   drdd_la_output_grad:   given g = d out: dq (bfloat16) and
+//                     dctx[b, c, f] = sum_n p[b, n, c] g[b, n, f];
+//   drdd_la_context_grad:  given dkh and dq: dqk = [dq, e * (h dkh[:, :D]^T
+//                     + dkh[:, D])] (bfloat16) and dh = e dkh[:, :D].
 //
 // XLA:CPU runs these as several passes over [N, W] float32 arrays (the
 // casts, the maxima, the exponentials, the softmax's sums and quotients) and
-// a product over the pixel axis that it transposes first; here each pixel's
-// row of qk is read once per product and its exponentials stay in cache.
+// products over the pixel axis that it transposes first; here each pixel's
+// row of qk is read once per product and p and e are recomputed in cache.
 // The sums over the pixels run in fixed groups of pixel blocks, added in
 // order: the same bits on every call.
 
@@ -44,6 +48,11 @@ using drdd::Workers;
 constexpr int64_t kBlock = 64;  // pixels per block of the context's sums
 constexpr int kRows = 6;        // output: pixels per tile
 
+// The pixels of fixed group g of `groups` over n pixels in blocks of kBlock.
+int64_t GroupStart(int64_t g, int64_t groups, int64_t n) {
+  return std::min(n, g * CeilDiv(n, kBlock) / groups * kBlock);
+}
+
 #if defined(DRDD_LA_TARGET)
 
 // 16 bfloat16 values as float32.
@@ -51,6 +60,17 @@ DRDD_LA_TARGET __m512 Load16(const bf16* p) {
   __m512i wide = _mm512_cvtepu16_epi32(
       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// v rounded to bfloat16 (to nearest even; NaN stays NaN), stored at p.
+DRDD_LA_TARGET void Store16(bf16* p, __m512 v) {
+  __m512i b = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  b = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), b,
+                              _mm512_set1_epi32(0x7FC00000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
 }
 
 // exp(x) for x <= 0 (shifted logits), within 2 ulp; 0 below -87.
@@ -139,6 +159,26 @@ DRDD_LA_TARGET void OutputTile(int nj, const float* prob, int64_t w,
   }
 }
 
+// out [rows, cols] (cols floats per row) = a [kRows, inner] (inner floats
+// per row; rows past `rows` read, not stored) times b [inner, cols] + bias.
+DRDD_LA_TARGET void RowsTimes(const float* a, int64_t inner, const float* b,
+                              int64_t cols, const float* bias, float* out,
+                              int rows) {
+  for (int64_t j0 = 0; j0 < cols / 16; j0 += 4) {
+    OutputTile(static_cast<int>(std::min<int64_t>(4, cols / 16 - j0)), a,
+               inner, b + 16 * j0, cols, bias + 16 * j0, out + 16 * j0, rows);
+  }
+}
+
+// The kRows rows of src (ld floats apart) from row 0, or, with fewer rows
+// left, their copy in pad followed by zero rows.
+const float* PaddedRows(const float* src, int64_t ld, int rows, float* pad) {
+  if (rows == kRows) return src;
+  std::memset(pad, 0, kRows * ld * sizeof(float));
+  std::memcpy(pad, src, rows * ld * sizeof(float));
+  return pad;
+}
+
 bool CpuSupported() { return __builtin_cpu_supports("avx512f"); }
 
 // m[c] = max over pixels [lo, hi) of k[p, c] (rows 2 w apart).
@@ -184,10 +224,11 @@ DRDD_LA_TARGET void ContextSums(const bf16* k, const float* h, const float* m,
   }
 }
 
-// Per example: the keys' column maxima, then kh's sums over fixed groups of
-// pixel blocks, each into its own [w, d + 1] partial, added in order.
+// Per example: the keys' column maxima m, then kh's sums over fixed groups
+// of pixel blocks, each into its own [w, d + 1] partial, added in order.
 void Context(ffi::ThreadPool& pool, const bf16* qk, const float* h,
-             int64_t batch, int64_t n, int64_t w, int64_t d, float* kh) {
+             int64_t batch, int64_t n, int64_t w, int64_t d, float* kh,
+             float* m_out) {
   const int64_t blocks = CeilDiv(n, kBlock);
   const int64_t groups = std::min(blocks, 2 * Workers(pool, blocks));
   const int64_t ld = d + 1;
@@ -198,8 +239,8 @@ void Context(ffi::ThreadPool& pool, const bf16* qk, const float* h,
   for (int64_t b = 0; b < batch; ++b) {
     const bf16* k = qk + b * n * 2 * w + w;
     const float* hb = h + b * n * d;
-    auto lo = [&](int64_t g) { return g * blocks / groups * kBlock; };
-    auto hi = [&](int64_t g) { return std::min(n, lo(g + 1)); };
+    auto lo = [&](int64_t g) { return GroupStart(g, groups, n); };
+    auto hi = [&](int64_t g) { return GroupStart(g + 1, groups, n); };
     ParallelFor(pool, groups, [&](int64_t g) {
       ColumnMaxima(k, w, lo(g), hi(g), maxima.get() + g * w);
     });
@@ -207,6 +248,7 @@ void Context(ffi::ThreadPool& pool, const bf16* qk, const float* h,
     for (int64_t g = 0; g < groups; ++g) {
       for (int64_t c = 0; c < w; ++c) m[c] = std::max(m[c], maxima[g * w + c]);
     }
+    std::copy(m.begin(), m.end(), m_out + b * w);
     ParallelFor(pool, groups, [&](int64_t g) {
       ContextSums(k, hb, m.data(), w, d, lo(g), hi(g),
                   e_buf.get() + g * kBlock * w, partial.get() + g * w * ld);
@@ -262,11 +304,150 @@ void Output(ffi::ThreadPool& pool, const bf16* qk, const float* ctx,
         HeadSoftmax(qk + (b * n + p0 + r) * 2 * w, w, head_dim, scale,
                     prob.data() + r * w);
       }
-      for (int64_t j0 = 0; j0 < f / 16; j0 += 4) {
-        OutputTile(static_cast<int>(std::min<int64_t>(4, f / 16 - j0)),
-                   prob.data(), w, ctx + b * w * f + 16 * j0, f,
-                   bias + 16 * j0, out + (b * n + p0) * f + 16 * j0, rows);
+      RowsTimes(prob.data(), w, ctx + b * w * f, f, bias,
+                out + (b * n + p0) * f, rows);
+    }
+  });
+}
+
+
+// One block of np pixels of one example for drdd_la_output_grad: per tile,
+// p (into pb, kBlock x w), dp = g ctx^T (ctx_t [f, w]) and dq; then
+// acc [w, f] += p^T g.
+DRDD_LA_TARGET void OutputGradBlock(const bf16* qk, const float* g,
+                                    const float* ctx_t, const float* zeros,
+                                    int64_t np, int64_t w, int64_t f,
+                                    int64_t head_dim, float scale, float* pb,
+                                    float* dp, float* pad, bf16* dq,
+                                    float* acc) {
+  for (int64_t t = 0; t < np; t += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, np - t));
+    for (int r = 0; r < rows; ++r) {
+      HeadSoftmax(qk + (t + r) * 2 * w, w, head_dim, scale, pb + (t + r) * w);
+    }
+    RowsTimes(PaddedRows(g + t * f, f, rows, pad), f, ctx_t, w, zeros, dp,
+              rows);
+    // dq = p (dp - sum over the head of p dp / scale): the softmax's
+    // gradient, p being scale times the softmax.
+    for (int r = 0; r < rows; ++r) {
+      const float* pr = pb + (t + r) * w;
+      for (int64_t h0 = 0; h0 < w; h0 += head_dim) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = h0; j < h0 + head_dim; j += 16) {
+          sum = _mm512_fmadd_ps(_mm512_loadu_ps(pr + j),
+                                _mm512_loadu_ps(dp + r * w + j), sum);
+        }
+        __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / scale);
+        for (int64_t j = h0; j < h0 + head_dim; j += 16) {
+          Store16(dq + (t + r) * w + j,
+                  _mm512_mul_ps(_mm512_loadu_ps(pr + j),
+                                _mm512_sub_ps(_mm512_loadu_ps(dp + r * w + j),
+                                              dot)));
+        }
       }
+    }
+  }
+  for (int64_t c = 0; c < w; c += 4) {
+    for (int64_t j0 = 0; j0 < f / 16; j0 += 4) {
+      ContextTile(static_cast<int>(std::min<int64_t>(4, f / 16 - j0)), pb + c,
+                  w, g + 16 * j0, f, np, acc + c * f + 16 * j0, f);
+    }
+  }
+}
+
+void OutputGrad(ffi::ThreadPool& pool, const bf16* qk, const float* g,
+                const float* ctx, int64_t batch, int64_t n, int64_t w,
+                int64_t f, int64_t head_dim, bf16* dq, float* dctx) {
+  const int64_t groups = std::min(CeilDiv(n, kBlock),
+                                  2 * Workers(pool, CeilDiv(n, kBlock)));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const int64_t scratch = kBlock * w + kRows * w + kRows * f;
+  auto partial = Scratch<float>(groups * w * f);
+  auto buf = Scratch<float>(groups * scratch);
+  std::vector<float> ctx_t(f * w), zeros(w, 0.0f);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t c = 0; c < w; ++c) {
+      for (int64_t j = 0; j < f; ++j) ctx_t[j * w + c] = ctx[(b * w + c) * f + j];
+    }
+    ParallelFor(pool, groups, [&](int64_t gr) {
+      float* acc = partial.get() + gr * w * f;
+      float* pb = buf.get() + gr * scratch;
+      std::memset(acc, 0, w * f * sizeof(float));
+      const int64_t hi = GroupStart(gr + 1, groups, n);
+      for (int64_t p0 = GroupStart(gr, groups, n); p0 < hi; p0 += kBlock) {
+        const int64_t row = b * n + p0;
+        OutputGradBlock(qk + row * 2 * w, g + row * f, ctx_t.data(),
+                        zeros.data(), std::min(kBlock, hi - p0), w, f,
+                        head_dim, scale, pb, pb + kBlock * w,
+                        pb + kBlock * w + kRows * w, dq + row * w, acc);
+      }
+    });
+    float* out = dctx + b * w * f;
+    std::memcpy(out, partial.get(), w * f * sizeof(float));
+    for (int64_t gr = 1; gr < groups; ++gr) {
+      const float* part = partial.get() + gr * w * f;
+      for (int64_t i = 0; i < w * f; ++i) out[i] += part[i];
+    }
+  }
+}
+
+// One tile of `rows` pixels of one example for drdd_la_context_grad: e, de
+// = h dkh[:, :d]^T + dkh[:, d] (dkh_t [d, w], col [w]), dqk = [dq, e de],
+// dh = e dkh[:, :d] (dkh_c [w, d]).
+DRDD_LA_TARGET void ContextGradTile(const bf16* qk, const float* h,
+                                    const float* m, const float* dkh_t,
+                                    const float* col, const float* dkh_c,
+                                    const float* zeros, const bf16* dq,
+                                    int rows, int64_t w, int64_t d, float* e,
+                                    float* de, float* pad, bf16* dqk,
+                                    float* dh) {
+  RowsTimes(PaddedRows(h, d, rows, pad), d, dkh_t, w, col, de, rows);
+  for (int r = 0; r < rows; ++r) {
+    const bf16* k = qk + r * 2 * w + w;
+    bf16* out = dqk + r * 2 * w;
+    std::memcpy(out, dq + r * w, w * sizeof(bf16));
+    for (int64_t j = 0; j < w; j += 16) {
+      __m512 v = Exp(_mm512_sub_ps(Load16(k + j), _mm512_loadu_ps(m + j)));
+      _mm512_storeu_ps(e + r * w + j, v);
+      Store16(out + w + j, _mm512_mul_ps(v, _mm512_loadu_ps(de + r * w + j)));
+    }
+  }
+  if (rows < kRows) {
+    std::memset(e + rows * w, 0, (kRows - rows) * w * sizeof(float));
+  }
+  RowsTimes(e, w, dkh_c, d, zeros, dh, rows);
+}
+
+void ContextGrad(ffi::ThreadPool& pool, const bf16* qk, const float* h,
+                 const float* m, const float* dkh, const bf16* dq,
+                 int64_t batch, int64_t n, int64_t w, int64_t d, bf16* dqk,
+                 float* dh) {
+  const int64_t tiles = CeilDiv(n, kRows), per_task = 8;
+  const int64_t tasks = CeilDiv(tiles, per_task), ld = d + 1;
+  std::vector<float> dkh_t(batch * d * w), col(batch * w), dkh_c(batch * w * d);
+  std::vector<float> zeros(d, 0.0f);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t c = 0; c < w; ++c) {
+      const float* src = dkh + (b * w + c) * ld;
+      col[b * w + c] = src[d];
+      for (int64_t j = 0; j < d; ++j) {
+        dkh_t[(b * d + j) * w + c] = src[j];
+        dkh_c[(b * w + c) * d + j] = src[j];
+      }
+    }
+  }
+  ParallelFor(pool, batch * tasks, [&](int64_t task) {
+    const int64_t b = task / tasks, t0 = task % tasks * per_task;
+    std::vector<float> buf(2 * kRows * w + kRows * d);
+    for (int64_t t = t0; t < std::min(tiles, t0 + per_task); ++t) {
+      const int64_t row = b * n + t * kRows;
+      ContextGradTile(qk + row * 2 * w, h + row * d, m + b * w,
+                      dkh_t.data() + b * d * w, col.data() + b * w,
+                      dkh_c.data() + b * w * d, zeros.data(), dq + row * w,
+                      static_cast<int>(std::min<int64_t>(kRows, n - t * kRows)),
+                      w, d, buf.data(), buf.data() + kRows * w,
+                      buf.data() + 2 * kRows * w, dqk + row * 2 * w,
+                      dh + row * d);
     }
   });
 }
@@ -281,50 +462,122 @@ ffi::Error Unsupported(const char* what) {
   return ffi::Error::InvalidArgument(what);
 }
 
-ffi::Error ContextImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
-                       ffi::Buffer<ffi::F32> h,
-                       ffi::ResultBuffer<ffi::F32> kh) {
-  auto qd = qk.dimensions(), hd = h.dimensions(), kd = kh->dimensions();
+// Shapes: qk [B, N, 2W] with W a multiple of 16, the others as named.
+bool Dims(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want) {
+  return dims.size() == want.size() && std::equal(want.begin(), want.end(),
+                                                  dims.begin());
+}
+
+ffi::Error Check(ffi::Span<const int64_t> qk, bool ok, const char* what) {
   if (!CpuSupported()) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      "drdd_la_context needs a CPU with AVX-512.");
+                      "drdd_la_*: needs a CPU with AVX-512.");
   }
-  if (qd.size() != 3 || hd.size() != 3 || kd.size() != 3 || qd[2] % 32 ||
-      hd[2] % 16 || hd[0] != qd[0] || hd[1] != qd[1] || kd[0] != qd[0] ||
-      kd[1] != qd[2] / 2 || kd[2] != hd[2] + 1) {
-    return Unsupported(
-        "drdd_la_context: qk [B, N, 2W], h [B, N, D], kh [B, W, D + 1] with "
-        "W and D multiples of 16.");
+  if (qk.size() != 3 || qk[2] % 32 || !ok) {
+    return ffi::Error::InvalidArgument(what);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ContextImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
+                       ffi::Buffer<ffi::F32> h, ffi::ResultBuffer<ffi::F32> kh,
+                       ffi::ResultBuffer<ffi::F32> m) {
+  auto q = qk.dimensions(), hd = h.dimensions();
+  if (auto e = Check(q, hd.size() == 3 && hd[2] % 16 == 0 &&
+                            Dims(hd, {q[0], q[1], hd[2]}) &&
+                            Dims(kh->dimensions(), {q[0], q[2] / 2, hd[2] + 1}) &&
+                            Dims(m->dimensions(), {q[0], q[2] / 2}),
+                     "drdd_la_context: qk [B, N, 2W], h [B, N, D], kh "
+                     "[B, W, D + 1], m [B, W]; W, D multiples of 16.");
+      e.failure()) {
+    return e;
   }
 #if defined(DRDD_LA_TARGET)
   Context(pool, reinterpret_cast<const bf16*>(qk.typed_data()), h.typed_data(),
-          qd[0], qd[1], qd[2] / 2, hd[2], kh->typed_data());
+          q[0], q[1], q[2] / 2, hd[2], kh->typed_data(), m->typed_data());
 #endif
   return ffi::Error::Success();
+}
+
+bool HeadsFit(ffi::Span<const int64_t> q, int64_t head_dim) {
+  return head_dim >= 16 && head_dim % 16 == 0 && (q[2] / 2) % head_dim == 0;
 }
 
 ffi::Error OutputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
                       ffi::Buffer<ffi::F32> ctx, ffi::Buffer<ffi::F32> bias,
                       ffi::ResultBuffer<ffi::F32> out, int64_t head_dim) {
-  auto qd = qk.dimensions(), cd = ctx.dimensions(), od = out->dimensions();
-  if (!CpuSupported()) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      "drdd_la_output needs a CPU with AVX-512.");
-  }
-  if (qd.size() != 3 || cd.size() != 3 || od.size() != 3 ||
-      bias.dimensions().size() != 1 || head_dim % 16 || head_dim < 16 ||
-      (qd[2] / 2) % head_dim || qd[2] % 2 || cd[0] != qd[0] ||
-      cd[1] != qd[2] / 2 || cd[2] % 16 || bias.dimensions()[0] != cd[2] ||
-      od[0] != qd[0] || od[1] != qd[1] || od[2] != cd[2]) {
-    return Unsupported(
-        "drdd_la_output: qk [B, N, 2W], ctx [B, W, F], bias [F], out "
-        "[B, N, F] with heads of a multiple of 16 channels, F a multiple of "
-        "16.");
+  auto q = qk.dimensions(), cd = ctx.dimensions();
+  if (auto e = Check(q, cd.size() == 3 && cd[2] % 16 == 0 &&
+                            HeadsFit(q, head_dim) &&
+                            Dims(cd, {q[0], q[2] / 2, cd[2]}) &&
+                            Dims(bias.dimensions(), {cd[2]}) &&
+                            Dims(out->dimensions(), {q[0], q[1], cd[2]}),
+                     "drdd_la_output: qk [B, N, 2W], ctx [B, W, F], bias [F], "
+                     "out [B, N, F]; heads of a multiple of 16 channels, F a "
+                     "multiple of 16.");
+      e.failure()) {
+    return e;
   }
 #if defined(DRDD_LA_TARGET)
   Output(pool, reinterpret_cast<const bf16*>(qk.typed_data()),
-         ctx.typed_data(), bias.typed_data(), qd[0], qd[1], qd[2] / 2, cd[2],
+         ctx.typed_data(), bias.typed_data(), q[0], q[1], q[2] / 2, cd[2],
          head_dim, out->typed_data());
+#endif
+  return ffi::Error::Success();
+}
+
+ffi::Error OutputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
+                          ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> ctx,
+                          ffi::ResultBuffer<ffi::BF16> dq,
+                          ffi::ResultBuffer<ffi::F32> dctx, int64_t head_dim) {
+  auto q = qk.dimensions(), cd = ctx.dimensions();
+  if (auto e = Check(q, cd.size() == 3 && cd[2] % 16 == 0 &&
+                            HeadsFit(q, head_dim) &&
+                            Dims(cd, {q[0], q[2] / 2, cd[2]}) &&
+                            Dims(g.dimensions(), {q[0], q[1], cd[2]}) &&
+                            Dims(dq->dimensions(), {q[0], q[1], q[2] / 2}) &&
+                            Dims(dctx->dimensions(), {q[0], q[2] / 2, cd[2]}),
+                     "drdd_la_output_grad: qk [B, N, 2W], g [B, N, F], ctx "
+                     "[B, W, F], dq [B, N, W], dctx [B, W, F].");
+      e.failure()) {
+    return e;
+  }
+#if defined(DRDD_LA_TARGET)
+  OutputGrad(pool, reinterpret_cast<const bf16*>(qk.typed_data()),
+             g.typed_data(), ctx.typed_data(), q[0], q[1], q[2] / 2, cd[2],
+             head_dim, reinterpret_cast<bf16*>(dq->typed_data()),
+             dctx->typed_data());
+#endif
+  return ffi::Error::Success();
+}
+
+ffi::Error ContextGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
+                           ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> m,
+                           ffi::Buffer<ffi::F32> dkh,
+                           ffi::Buffer<ffi::BF16> dq,
+                           ffi::ResultBuffer<ffi::BF16> dqk,
+                           ffi::ResultBuffer<ffi::F32> dh) {
+  auto q = qk.dimensions(), hd = h.dimensions();
+  const int64_t w = q.size() == 3 ? q[2] / 2 : 0;
+  if (auto e = Check(q, hd.size() == 3 && hd[2] % 16 == 0 &&
+                            Dims(hd, {q[0], q[1], hd[2]}) &&
+                            Dims(m.dimensions(), {q[0], w}) &&
+                            Dims(dkh.dimensions(), {q[0], w, hd[2] + 1}) &&
+                            Dims(dq.dimensions(), {q[0], q[1], w}) &&
+                            Dims(dqk->dimensions(), {q[0], q[1], 2 * w}) &&
+                            Dims(dh->dimensions(), {q[0], q[1], hd[2]}),
+                     "drdd_la_context_grad: qk [B, N, 2W], h [B, N, D], m "
+                     "[B, W], dkh [B, W, D + 1], dq [B, N, W], dqk "
+                     "[B, N, 2W], dh [B, N, D].");
+      e.failure()) {
+    return e;
+  }
+#if defined(DRDD_LA_TARGET)
+  ContextGrad(pool, reinterpret_cast<const bf16*>(qk.typed_data()),
+              h.typed_data(), m.typed_data(), dkh.typed_data(),
+              reinterpret_cast<const bf16*>(dq.typed_data()), q[0], q[1], w,
+              hd[2], reinterpret_cast<bf16*>(dqk->typed_data()),
+              dh->typed_data());
 #endif
   return ffi::Error::Success();
 }
@@ -336,6 +589,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddLinearAttentionContext, ContextImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddLinearAttentionOutput, OutputImpl,
@@ -346,3 +600,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddLinearAttentionOutput, OutputImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("head_dim"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddLinearAttentionOutputGrad, OutputGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("head_dim"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddLinearAttentionContextGrad, ContextGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -5,9 +5,13 @@ faster than float32 convolutions. `csrc/bf16_conv.cc` computes them with
 the CPU's bfloat16 dot product instruction (VDPBF16PS: twice the arithmetic
 of a float32 FMA), as XLA FFI custom calls: the convolution (also its input
 gradient) and its weight gradient, on float32 or bfloat16 operands rounded
-to bfloat16, with float32 sums. `pip install` builds it as
-`drdd_jax/_bf16_conv*.so` where a C++ compiler is found; `unet.conv` runs
-its bfloat16 convolutions on it where `enabled()`.
+to bfloat16, with float32 sums. The same library holds the linear
+attention's two softmax products in float32 (`csrc/linear_attention.cc`).
+`pip install` builds it as `drdd_jax/_bf16_conv*.so` where a C++ compiler
+is found; `unet.conv` runs its bfloat16 convolutions on it where
+`enabled()`, and `unet.LinearAttention` its products when evaluated
+without a gradient. Every kernel sums in a fixed order: a call returns the
+same bits every time.
 """
 import contextlib
 import ctypes
@@ -23,7 +27,9 @@ _DISABLED = []  # `disabled()` contexts entered
 _TARGETS = {'drdd_bf16_conv': 'DrddBf16Conv',
             'drdd_bf16_conv_wgrad': 'DrddBf16ConvWeightGrad',
             'drdd_la_context': 'DrddLinearAttentionContext',
-            'drdd_la_output': 'DrddLinearAttentionOutput'}
+            'drdd_la_output': 'DrddLinearAttentionOutput',
+            'drdd_la_context_grad': 'DrddLinearAttentionContextGrad',
+            'drdd_la_output_grad': 'DrddLinearAttentionOutputGrad'}
 
 
 @functools.cache
@@ -121,13 +127,16 @@ def linear_attention_context(qk, h):
     h: [B, N, D] float32, D a multiple of 16 (W too).
 
   Returns:
-    [B, W, D + 1] float32: e^T h and, in the last column, e's column sums,
-    with e = exp(k - max over the pixels of k).
+    kh [B, W, D + 1] float32: e^T h and, in the last column, e's column
+    sums, with e = exp(k - m); and m [B, W], the keys' maxima over the
+    pixels.
   """
   _library()
   b, _, w2 = qk.shape
-  out = jax.ShapeDtypeStruct((b, w2 // 2, h.shape[-1] + 1), jnp.float32)
-  return jax.ffi.ffi_call('drdd_la_context', out)(qk, h)
+  f32 = jnp.float32
+  return jax.ffi.ffi_call('drdd_la_context', (
+      jax.ShapeDtypeStruct((b, w2 // 2, h.shape[-1] + 1), f32),
+      jax.ShapeDtypeStruct((b, w2 // 2), f32)))(qk, h)
 
 
 def linear_attention_output(qk, context, bias, head_dim: int):
@@ -140,10 +149,32 @@ def linear_attention_output(qk, context, bias, head_dim: int):
     head_dim: each head's channels of q (a multiple of 16).
 
   Returns:
-    [B, N, F] float32: softmax(q) head_dim^-1/2 context + bias, the softmax
-    over each head's channels.
+    [B, N, F] float32: p context + bias, with p = the softmax of q over each
+    head's channels times head_dim^-1/2.
   """
   _library()
   out = jax.ShapeDtypeStruct(qk.shape[:2] + context.shape[-1:], jnp.float32)
   return jax.ffi.ffi_call('drdd_la_output', out)(
       qk, context, bias, head_dim=np.int64(head_dim))
+
+
+def linear_attention_output_grad(qk, g, context, head_dim: int):
+  """`linear_attention_output`'s gradient for q and context, given the
+  output's cotangent g [B, N, F] float32: (dq [B, N, W] bfloat16, dcontext
+  [B, W, F] float32)."""
+  _library()
+  b, n, w2 = qk.shape
+  return jax.ffi.ffi_call('drdd_la_output_grad', (
+      jax.ShapeDtypeStruct((b, n, w2 // 2), jnp.bfloat16),
+      jax.ShapeDtypeStruct(context.shape, jnp.float32)))(
+          qk, g, context, head_dim=np.int64(head_dim))
+
+
+def linear_attention_context_grad(qk, h, m, dkh, dq):
+  """`linear_attention_context`'s gradient for k and h, given kh's cotangent
+  dkh [B, W, D + 1] and the maxima m it returned: (dqk [B, N, 2W] bfloat16,
+  dq [B, N, W] bfloat16 in its first half, and dh [B, N, D] float32)."""
+  _library()
+  return jax.ffi.ffi_call('drdd_la_context_grad', (
+      jax.ShapeDtypeStruct(qk.shape, jnp.bfloat16),
+      jax.ShapeDtypeStruct(h.shape, jnp.float32)))(qk, h, m, dkh, dq)

@@ -473,10 +473,10 @@ class LinearAttention(nn.Module):
   64-channel levels. The qk projection stays a 1x1 convolution (at
   `precision`); the folded products are computed in `dtype`.
 
-  Evaluated without a gradient (the sampler), a float32 layer with
-  bfloat16 qk projection runs the two softmax products on `bf16_conv`'s
-  float32 kernels where `bf16_conv.enabled()` (`_attend_on_kernels`; its
-  gradient is `_attend`'s, so training computes as before).
+  A float32 layer with bfloat16 qk projection runs the two softmax
+  products and their gradients on `bf16_conv`'s float32 kernels where
+  `bf16_conv.enabled()` (`_attend_on_kernels`, the same maths as
+  `_attend` to float32 roundings).
   """
   heads: int
   head_dim: int
@@ -539,21 +539,27 @@ def _context(kh, w_v, w_out, heads, head_dim):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attend_on_kernels(qk, h, w_v, w_out, bias, heads, head_dim):
-  """`_attend` in float32 of bfloat16 qk, on `bf16_conv`'s kernels; its
-  gradient is `_attend`'s (the forward pass then runs as `_attend`)."""
-  kh = bf16_conv.linear_attention_context(qk, h)
-  context = _context(kh, w_v, w_out, heads, head_dim)
-  return bf16_conv.linear_attention_output(qk, context, bias, head_dim)
+  """`_attend` in float32 of bfloat16 qk, its softmax products (and their
+  gradients) on `bf16_conv`'s kernels."""
+  return _attend_on_kernels_fwd(qk, h, w_v, w_out, bias, heads, head_dim)[0]
 
 
 def _attend_on_kernels_fwd(qk, h, w_v, w_out, bias, heads, head_dim):
-  return jax.vjp(functools.partial(_attend, heads=heads, head_dim=head_dim),
-                 qk, h, w_v, w_out, bias)
+  kh, m = bf16_conv.linear_attention_context(qk, h)
+  context = _context(kh, w_v, w_out, heads, head_dim)
+  out = bf16_conv.linear_attention_output(qk, context, bias, head_dim)
+  return out, (qk, h, m, kh, w_v, w_out)
 
 
-def _attend_on_kernels_bwd(heads, head_dim, vjp, g):
-  del heads, head_dim
-  return vjp(g)
+def _attend_on_kernels_bwd(heads, head_dim, saved, g):
+  qk, h, m, kh, w_v, w_out = saved
+  context, context_vjp = jax.vjp(
+      lambda *a: _context(*a, heads, head_dim), kh, w_v, w_out)
+  dq, dcontext = bf16_conv.linear_attention_output_grad(qk, g, context,
+                                                         head_dim)
+  dkh, dw_v, dw_out = context_vjp(dcontext)
+  dqk, dh = bf16_conv.linear_attention_context_grad(qk, h, m, dkh, dq)
+  return dqk, dh, dw_v, dw_out, g.sum(axis=(0, 1))
 
 
 _attend_on_kernels.defvjp(_attend_on_kernels_fwd, _attend_on_kernels_bwd)
