@@ -19,9 +19,9 @@ changes:
   bf16_conv      `drdd_jax.bf16_conv`'s kernels against XLA's bfloat16
                  convolutions (the default `training.conv_precision` where
                  the kernels run, or `training.compute_dtype` bfloat16).
-  attention_kernels  `unet.LinearAttention`'s softmax products on the
-                 float32 kernels (`csrc/linear_attention.cc`; without a
-                 gradient: the sampler), against XLA's ops.
+  attention_kernels  `unet.LinearAttention`'s softmax products and their
+                 gradients on the float32 kernels (`csrc/linear_attention.cc`),
+                 against XLA's ops (`unet._attend`).
   conv_io        a float32 network's bfloat16 convolutions as casts to
                  bfloat16 around the kernels (XLA fuses them into the
                  neighbouring ops), against the kernels reading and writing

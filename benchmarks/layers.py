@@ -12,13 +12,15 @@ Sections (all by default), each timed forward and forward+backward under
                     then all of aio5's WSConv kernels at once, against the
                     `sum_rows` form it replaced (`ab.standardize_kernel`).
   linear_attention  `unet.LinearAttention` against the form before the fold
-                    (`ab.LinearAttention`) at the network's largest shapes.
+                    (`ab.LinearAttention`) and against itself on XLA's ops
+                    instead of the kernels, at the network's largest shapes.
   elementwise       the elementwise work around a convolution in float32
                     against bfloat16 (SiLU, GroupNorm's `x * mul + add` with
                     SiLU and its gradient, the conversions).
 
 docs/performance.md quotes it.
 """
+import contextlib
 import sys
 
 import flax.linen as nn
@@ -87,15 +89,20 @@ def standardize(key):
 def linear_attention(key):
   for shape in [(8, 64, 64, 64), (1, 256, 256, 64)]:
     x = jax.random.normal(key, shape)
-    for name, layer in (('before the fold', ab.LinearAttention),
-                        ('unet.LinearAttention', unet.LinearAttention)):
+    for name, layer, change in (
+        ('before the fold', ab.LinearAttention, None),
+        ("unet.LinearAttention, XLA's ops", unet.LinearAttention,
+         'attention_kernels'),
+        ('unet.LinearAttention', unet.LinearAttention, None)):
       attn = layer(4, 32, precision=jnp.bfloat16)
       p = attn.init(key, x)
       tag = f'linear attention {shape}, {name}'
-      bench(f'{tag} fwd', attn.apply, p, x)
-      bench(f'{tag} fwd+bwd', lambda p, x, attn=attn: jax.grad(
-          lambda p, x: jnp.sum(attn.apply(p, x) * x), argnums=(0, 1))(p, x),
-            p, x)
+      with (ab.traced_as(change, ab.CHANGES[change][2][0]) if change
+            else contextlib.nullcontext()):
+        bench(f'{tag} fwd', attn.apply, p, x)
+        bench(f'{tag} fwd+bwd', lambda p, x, attn=attn: jax.grad(
+            lambda p, x: jnp.sum(attn.apply(p, x) * x), argnums=(0, 1))(
+                p, x), p, x)
 
 
 def elementwise(key, shape=(8, 64, 64, 64)):

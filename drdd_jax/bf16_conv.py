@@ -6,12 +6,12 @@ the CPU's bfloat16 dot product instruction (VDPBF16PS: twice the arithmetic
 of a float32 FMA), as XLA FFI custom calls: the convolution (also its input
 gradient) and its weight gradient, on float32 or bfloat16 operands rounded
 to bfloat16, with float32 sums. The same library holds the linear
-attention's two softmax products in float32 (`csrc/linear_attention.cc`).
-`pip install` builds it as `drdd_jax/_bf16_conv*.so` where a C++ compiler
-is found; `unet.conv` runs its bfloat16 convolutions on it where
-`enabled()`, and `unet.LinearAttention` its products when evaluated
-without a gradient. Every kernel sums in a fixed order: a call returns the
-same bits every time.
+attention's two softmax products and their gradients in float32
+(`csrc/linear_attention.cc`). `pip install` builds it as
+`drdd_jax/_bf16_conv*.so` where a C++ compiler is found; `unet.conv` runs
+its bfloat16 convolutions on it where `enabled()`, and
+`unet.LinearAttention` its softmax products. Every kernel sums in a fixed
+order: a call returns the same bits every time.
 """
 import contextlib
 import ctypes
