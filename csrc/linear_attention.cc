@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "parallel.h"
@@ -65,7 +66,8 @@ DRDD_LA_TARGET __m512 Load16(const bf16* p) {
 // v rounded to bfloat16 (to nearest even; NaN stays NaN), stored at p.
 DRDD_LA_TARGET void Store16(bf16* p, __m512 v) {
   __m512i b = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i lsb =
+      _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
   b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   b = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), b,
                               _mm512_set1_epi32(0x7FC00000));
@@ -73,7 +75,7 @@ DRDD_LA_TARGET void Store16(bf16* p, __m512 v) {
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
 }
 
-// exp(x) for x <= 0 (shifted logits), within 2 ulp; 0 below -87.
+// exp(x) for x <= 0 (shifted logits), within 2 ulp; exp(-87) below -87.
 DRDD_LA_TARGET __m512 Exp(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // NaN stays NaN
   // x = n ln2 + r, |r| <= ln2 / 2; exp(x) = 2^n exp(r).
@@ -86,7 +88,9 @@ DRDD_LA_TARGET __m512 Exp(__m512 x) {
   constexpr float kCoef[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
                              1.0f / 6,    0.5f,       1.0f,       1.0f};
   __m512 p = _mm512_set1_ps(kCoef[0]);
-  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kCoef[i]));
+  for (int i = 1; i < 8; ++i) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kCoef[i]));
+  }
   return _mm512_scalef_ps(p, n);
 }
 
@@ -98,18 +102,25 @@ DRDD_LA_TARGET void ContextTileN(const float* e, int64_t w, const float* h,
                                  int64_t ld) {
   __m512 a[4][NJ];
   for (int r = 0; r < 4; ++r) {
-    for (int j = 0; j < NJ; ++j) a[r][j] = _mm512_loadu_ps(acc + r * ld + 16 * j);
+    for (int j = 0; j < NJ; ++j) {
+      a[r][j] = _mm512_loadu_ps(acc + r * ld + 16 * j);
+    }
   }
-  for (int64_t p = 0; p < np; ++p) {
+  int64_t p = 0;  // np >= 1: a do-while, as in bf16_conv.cc's Tile
+  do {
     __m512 hv[NJ];
     for (int j = 0; j < NJ; ++j) hv[j] = _mm512_loadu_ps(h + p * d + 16 * j);
     for (int r = 0; r < 4; ++r) {
       __m512 ev = _mm512_set1_ps(e[p * w + r]);
-      for (int j = 0; j < NJ; ++j) a[r][j] = _mm512_fmadd_ps(ev, hv[j], a[r][j]);
+      for (int j = 0; j < NJ; ++j) {
+        a[r][j] = _mm512_fmadd_ps(ev, hv[j], a[r][j]);
+      }
     }
-  }
+  } while (++p < np);
   for (int r = 0; r < 4; ++r) {
-    for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(acc + r * ld + 16 * j, a[r][j]);
+    for (int j = 0; j < NJ; ++j) {
+      _mm512_storeu_ps(acc + r * ld + 16 * j, a[r][j]);
+    }
   }
 }
 
@@ -134,17 +145,22 @@ DRDD_LA_TARGET void OutputTileN(const float* prob, int64_t w, const float* ctx,
   for (int r = 0; r < kRows; ++r) {
     for (int j = 0; j < NJ; ++j) a[r][j] = _mm512_loadu_ps(bias + 16 * j);
   }
-  for (int64_t c = 0; c < w; ++c) {
+  int64_t c = 0;  // w >= 16
+  do {
     __m512 cv[NJ];
     for (int j = 0; j < NJ; ++j) cv[j] = _mm512_loadu_ps(ctx + c * f + 16 * j);
     for (int r = 0; r < kRows; ++r) {
       __m512 pv = _mm512_set1_ps(prob[r * w + c]);
-      for (int j = 0; j < NJ; ++j) a[r][j] = _mm512_fmadd_ps(pv, cv[j], a[r][j]);
+      for (int j = 0; j < NJ; ++j) {
+        a[r][j] = _mm512_fmadd_ps(pv, cv[j], a[r][j]);
+      }
     }
-  }
+  } while (++c < w);
   for (int r = 0; r < kRows; ++r) {
     if (r >= rows) break;
-    for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(out + r * f + 16 * j, a[r][j]);
+    for (int j = 0; j < NJ; ++j) {
+      _mm512_storeu_ps(out + r * f + 16 * j, a[r][j]);
+    }
   }
 }
 
@@ -206,7 +222,8 @@ DRDD_LA_TARGET void ContextSums(const bf16* k, const float* h, const float* m,
       __m512 mj = _mm512_loadu_ps(m + 16 * j);
       __m512 sum = _mm512_setzero_ps();
       for (int64_t p = 0; p < np; ++p) {
-        __m512 v = Exp(_mm512_sub_ps(Load16(k + (p0 + p) * 2 * w + 16 * j), mj));
+        __m512 v =
+            Exp(_mm512_sub_ps(Load16(k + (p0 + p) * 2 * w + 16 * j), mj));
         _mm512_storeu_ps(e + p * w + 16 * j, v);
         sum = _mm512_add_ps(sum, v);
       }
@@ -269,7 +286,9 @@ DRDD_LA_TARGET void HeadSoftmax(const bf16* q, int64_t w, int64_t head_dim,
   const int64_t hv = head_dim / 16;
   for (int64_t h0 = 0; h0 < w; h0 += head_dim) {
     __m512 m = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < hv; ++j) m = _mm512_max_ps(m, Load16(q + h0 + 16 * j));
+    for (int64_t j = 0; j < hv; ++j) {
+      m = _mm512_max_ps(m, Load16(q + h0 + 16 * j));
+    }
     m = _mm512_set1_ps(_mm512_reduce_max_ps(m));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < hv; ++j) {
@@ -367,7 +386,9 @@ void OutputGrad(ffi::ThreadPool& pool, const bf16* qk, const float* g,
   std::vector<float> ctx_t(f * w), zeros(w, 0.0f);
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t c = 0; c < w; ++c) {
-      for (int64_t j = 0; j < f; ++j) ctx_t[j * w + c] = ctx[(b * w + c) * f + j];
+      for (int64_t j = 0; j < f; ++j) {
+        ctx_t[j * w + c] = ctx[(b * w + c) * f + j];
+      }
     }
     ParallelFor(pool, groups, [&](int64_t gr) {
       float* acc = partial.get() + gr * w * f;
@@ -458,16 +479,14 @@ bool CpuSupported() { return false; }
 
 #endif  // DRDD_LA_TARGET
 
-ffi::Error Unsupported(const char* what) {
-  return ffi::Error::InvalidArgument(what);
-}
-
-// Shapes: qk [B, N, 2W] with W a multiple of 16, the others as named.
+// Whether dims are exactly `want`.
 bool Dims(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want) {
   return dims.size() == want.size() && std::equal(want.begin(), want.end(),
                                                   dims.begin());
 }
 
+// Success where the CPU has AVX-512, qk is [B, N, 2W] with W a multiple of
+// 16 and the other shapes are right (ok); else the error `what`.
 ffi::Error Check(ffi::Span<const int64_t> qk, bool ok, const char* what) {
   if (!CpuSupported()) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
@@ -485,7 +504,8 @@ ffi::Error ContextImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
   auto q = qk.dimensions(), hd = h.dimensions();
   if (auto e = Check(q, hd.size() == 3 && hd[2] % 16 == 0 &&
                             Dims(hd, {q[0], q[1], hd[2]}) &&
-                            Dims(kh->dimensions(), {q[0], q[2] / 2, hd[2] + 1}) &&
+                            Dims(kh->dimensions(),
+                                 {q[0], q[2] / 2, hd[2] + 1}) &&
                             Dims(m->dimensions(), {q[0], q[2] / 2}),
                      "drdd_la_context: qk [B, N, 2W], h [B, N, D], kh "
                      "[B, W, D + 1], m [B, W]; W, D multiples of 16.");
