@@ -1,7 +1,8 @@
 """Builds the optional native parts; the rest is declared in pyproject.toml.
 
-- `drdd_jax._bf16_conv` (`csrc/bf16_conv.cc`): the CPU's bfloat16
-  convolution kernels (drdd_jax/bf16_conv.py);
+- `drdd_jax._bf16_conv` (`csrc/bf16_conv.cc`, `csrc/linear_attention.cc`):
+  the CPU's bfloat16 convolution kernels and the linear attention's float32
+  softmax products (drdd_jax/bf16_conv.py);
 - `drdd_jax._block_cache` (`csrc/block_cache.c`): a library that the
   package's programs preload to keep XLA:CPU's per-call blocks
   (drdd_jax/host_memory.py). Linux only; it is never imported.

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import glob
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,11 @@ def _library():
   if not found:
     return None
   lib = ctypes.CDLL(found[0])
+  missing = [s for s in _TARGETS.values() if not hasattr(lib, s)]
+  if missing:  # Built from older sources: XLA's ops instead.
+    warnings.warn(f'{found[0]} lacks {missing}: built from older sources '
+                  '(`pip install -e .` rebuilds it); using XLA\'s ops.')
+    return None
   if not lib.DrddBf16ConvSupported():
     return None
   for name, symbol in _TARGETS.items():

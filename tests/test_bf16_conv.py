@@ -69,6 +69,13 @@ def test_available_matches_the_cpu():
     assert not bf16_conv.enabled()
 
 
+def test_a_stale_build_falls_back_to_xla(monkeypatch):
+  """A library built from older sources (a handler missing) is not used."""
+  monkeypatch.setattr(bf16_conv.glob, 'glob', lambda _: ['libm.so.6'])
+  with pytest.warns(UserWarning, match='older sources'):
+    assert bf16_conv._library.__wrapped__() is None  # pylint: disable=protected-access
+
+
 @needs_kernels
 @pytest.mark.parametrize('dtypes', [('bfloat16', 'bfloat16'),
                                     ('float32', 'float32'),
