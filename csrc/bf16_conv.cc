@@ -67,7 +67,6 @@ constexpr int64_t kCachedB = 256 << 10;  // bytes of packed B that stay in L2
 // contracted axis).
 constexpr int64_t kSplitSumBytes = 1 << 20;
 
-
 #if defined(DRDD_TARGET)
 
 bool CpuSupported() {

@@ -54,6 +54,24 @@ int64_t GroupStart(int64_t g, int64_t groups, int64_t n) {
   return std::min(n, g * CeilDiv(n, kBlock) / groups * kBlock);
 }
 
+// The fixed number of groups of pixel blocks that the sums over n pixels
+// run in: twice the threads, at most one per block.
+int64_t SumGroups(ffi::ThreadPool& pool, int64_t n) {
+  const int64_t blocks = CeilDiv(n, kBlock);
+  return std::min(blocks, 2 * Workers(pool, blocks));
+}
+
+// out[i] = partials[0][i] + ... + partials[groups - 1][i], i < size, in
+// that order.
+void AddInOrder(const float* partials, int64_t groups, int64_t size,
+                float* out) {
+  std::memcpy(out, partials, size * sizeof(float));
+  for (int64_t g = 1; g < groups; ++g) {
+    const float* part = partials + g * size;
+    for (int64_t i = 0; i < size; ++i) out[i] += part[i];
+  }
+}
+
 #if defined(DRDD_LA_TARGET)
 
 // 16 bfloat16 values as float32.
@@ -186,6 +204,19 @@ DRDD_LA_TARGET void RowsTimes(const float* a, int64_t inner, const float* b,
   }
 }
 
+// acc [w, cols] (ld floats per row) += e^T h over np pixels: e [np, w], h
+// [np, cols] (cols floats per row).
+DRDD_LA_TARGET void TransposeTimes(const float* e, int64_t w, const float* h,
+                                   int64_t cols, int64_t np, float* acc,
+                                   int64_t ld) {
+  for (int64_t c = 0; c < w; c += 4) {
+    for (int64_t j0 = 0; j0 < cols / 16; j0 += 4) {
+      ContextTile(static_cast<int>(std::min<int64_t>(4, cols / 16 - j0)),
+                  e + c, w, h + 16 * j0, cols, np, acc + c * ld + 16 * j0, ld);
+    }
+  }
+}
+
 // The kRows rows of src (ld floats apart) from row 0, or, with fewer rows
 // left, their copy in pad followed by zero rows.
 const float* PaddedRows(const float* src, int64_t ld, int rows, float* pad) {
@@ -214,7 +245,7 @@ DRDD_LA_TARGET void ColumnMaxima(const bf16* k, int64_t w, int64_t lo,
 DRDD_LA_TARGET void ContextSums(const bf16* k, const float* h, const float* m,
                                 int64_t w, int64_t d, int64_t lo, int64_t hi,
                                 float* e, float* acc) {
-  const int64_t ld = d + 1, dv = d / 16;
+  const int64_t ld = d + 1;
   std::memset(acc, 0, w * ld * sizeof(float));
   for (int64_t p0 = lo; p0 < hi; p0 += kBlock) {
     const int64_t np = std::min(kBlock, hi - p0);
@@ -231,13 +262,7 @@ DRDD_LA_TARGET void ContextSums(const bf16* k, const float* h, const float* m,
       _mm512_store_ps(s, sum);
       for (int i = 0; i < 16; ++i) acc[(16 * j + i) * ld + d] += s[i];
     }
-    // acc[c, :d] += sum_p e[p, c] h[p, :], four channels at a time.
-    for (int64_t c = 0; c < w; c += 4) {
-      for (int64_t j0 = 0; j0 < dv; j0 += 4) {
-        ContextTile(static_cast<int>(std::min<int64_t>(4, dv - j0)), e + c, w,
-                    h + p0 * d + 16 * j0, d, np, acc + c * ld + 16 * j0, ld);
-      }
-    }
+    TransposeTimes(e, w, h + p0 * d, d, np, acc, ld);  // acc[:, :d]
   }
 }
 
@@ -246,13 +271,10 @@ DRDD_LA_TARGET void ContextSums(const bf16* k, const float* h, const float* m,
 void Context(ffi::ThreadPool& pool, const bf16* qk, const float* h,
              int64_t batch, int64_t n, int64_t w, int64_t d, float* kh,
              float* m_out) {
-  const int64_t blocks = CeilDiv(n, kBlock);
-  const int64_t groups = std::min(blocks, 2 * Workers(pool, blocks));
-  const int64_t ld = d + 1;
+  const int64_t groups = SumGroups(pool, n), ld = d + 1;
   auto maxima = Scratch<float>(groups * w);
   auto partial = Scratch<float>(groups * w * ld);
   auto e_buf = Scratch<float>(groups * kBlock * w);
-  std::vector<float> m(w);
   for (int64_t b = 0; b < batch; ++b) {
     const bf16* k = qk + b * n * 2 * w + w;
     const float* hb = h + b * n * d;
@@ -261,21 +283,16 @@ void Context(ffi::ThreadPool& pool, const bf16* qk, const float* h,
     ParallelFor(pool, groups, [&](int64_t g) {
       ColumnMaxima(k, w, lo(g), hi(g), maxima.get() + g * w);
     });
-    std::fill(m.begin(), m.end(), -INFINITY);
+    float* m = m_out + b * w;
+    std::fill(m, m + w, -INFINITY);
     for (int64_t g = 0; g < groups; ++g) {
       for (int64_t c = 0; c < w; ++c) m[c] = std::max(m[c], maxima[g * w + c]);
     }
-    std::copy(m.begin(), m.end(), m_out + b * w);
     ParallelFor(pool, groups, [&](int64_t g) {
-      ContextSums(k, hb, m.data(), w, d, lo(g), hi(g),
-                  e_buf.get() + g * kBlock * w, partial.get() + g * w * ld);
+      ContextSums(k, hb, m, w, d, lo(g), hi(g), e_buf.get() + g * kBlock * w,
+                  partial.get() + g * w * ld);
     });
-    float* out = kh + b * w * ld;
-    std::memcpy(out, partial.get(), w * ld * sizeof(float));
-    for (int64_t g = 1; g < groups; ++g) {
-      const float* part = partial.get() + g * w * ld;
-      for (int64_t i = 0; i < w * ld; ++i) out[i] += part[i];
-    }
+    AddInOrder(partial.get(), groups, w * ld, kh + b * w * ld);
   }
 }
 
@@ -329,7 +346,6 @@ void Output(ffi::ThreadPool& pool, const bf16* qk, const float* ctx,
   });
 }
 
-
 // One block of np pixels of one example for drdd_la_output_grad: per tile,
 // p (into pb, kBlock x w), dp = g ctx^T (ctx_t [f, w]) and dq; then
 // acc [w, f] += p^T g.
@@ -366,19 +382,13 @@ DRDD_LA_TARGET void OutputGradBlock(const bf16* qk, const float* g,
       }
     }
   }
-  for (int64_t c = 0; c < w; c += 4) {
-    for (int64_t j0 = 0; j0 < f / 16; j0 += 4) {
-      ContextTile(static_cast<int>(std::min<int64_t>(4, f / 16 - j0)), pb + c,
-                  w, g + 16 * j0, f, np, acc + c * f + 16 * j0, f);
-    }
-  }
+  TransposeTimes(pb, w, g, f, np, acc, f);
 }
 
 void OutputGrad(ffi::ThreadPool& pool, const bf16* qk, const float* g,
                 const float* ctx, int64_t batch, int64_t n, int64_t w,
                 int64_t f, int64_t head_dim, bf16* dq, float* dctx) {
-  const int64_t groups = std::min(CeilDiv(n, kBlock),
-                                  2 * Workers(pool, CeilDiv(n, kBlock)));
+  const int64_t groups = SumGroups(pool, n);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const int64_t scratch = kBlock * w + kRows * w + kRows * f;
   auto partial = Scratch<float>(groups * w * f);
@@ -403,12 +413,7 @@ void OutputGrad(ffi::ThreadPool& pool, const bf16* qk, const float* g,
                         pb + kBlock * w + kRows * w, dq + row * w, acc);
       }
     });
-    float* out = dctx + b * w * f;
-    std::memcpy(out, partial.get(), w * f * sizeof(float));
-    for (int64_t gr = 1; gr < groups; ++gr) {
-      const float* part = partial.get() + gr * w * f;
-      for (int64_t i = 0; i < w * f; ++i) out[i] += part[i];
-    }
+    AddInOrder(partial.get(), groups, w * f, dctx + b * w * f);
   }
 }
 
