@@ -1,8 +1,9 @@
 """Builds the optional native parts; the rest is declared in pyproject.toml.
 
-- `drdd_jax._bf16_conv` (`csrc/bf16_conv.cc`, `csrc/linear_attention.cc`):
-  the CPU's bfloat16 convolution kernels and the linear attention's float32
-  softmax products (drdd_jax/bf16_conv.py);
+- `drdd_jax._bf16_conv` (`csrc/bf16_conv.cc`, `csrc/linear_attention.cc`,
+  `csrc/group_norm.cc`): the CPU's bfloat16 convolution kernels, the linear
+  attention's float32 softmax products and GroupNorm + SiLU's gradient
+  (drdd_jax/bf16_conv.py);
 - `drdd_jax._block_cache` (`csrc/block_cache.c`): a library that the
   package's programs preload to keep XLA:CPU's per-call blocks
   (drdd_jax/host_memory.py). Linux only; it is never imported.
@@ -18,7 +19,8 @@ from setuptools import Extension, setup
 
 extensions = [Extension(
     'drdd_jax._bf16_conv',
-    sources=['csrc/bf16_conv.cc', 'csrc/linear_attention.cc'],
+    sources=['csrc/bf16_conv.cc', 'csrc/linear_attention.cc',
+             'csrc/group_norm.cc'],
     include_dirs=['csrc',
                   os.path.join(os.path.dirname(jaxlib.__file__), 'include')],
     extra_compile_args=['-std=c++17', '-O3'], language='c++',

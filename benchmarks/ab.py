@@ -35,6 +35,9 @@ changes:
   standardize    `unet.standardize_kernel`'s sums as products with a ones
                  vector and its own gradient, against `unet.sum_rows` and
                  autodiff's gradient.
+  norm_kernels   `unet.GroupNorm`'s gradient with SiLU on the kernels
+                 (`csrc/group_norm.cc`), against XLA's autodiff (where the
+                 kernels run).
   materialize    `unet.materialize` (GroupNorm's factors through an identity
                  matmul) against an optimization barrier.
   global_norm    `train.global_norm` (the gradient's norm as dots) against
@@ -187,6 +190,8 @@ CHANGES = {
                   ("XLA's bfloat16 convolutions", "bf16_conv's kernels")),
     'conv_io': ('conv', conv_float32_io,
                 ('kernels on float32', 'kernels on bfloat16 casts')),
+    'norm_kernels': ('_norm_silu_on_kernels', lambda x: False,
+                     ("XLA's gradient", 'csrc/group_norm.cc')),
     'attention_kernels': ('_attend_on_kernels',
                           lambda *args: unet._attend(*args),  # pylint: disable=protected-access
                           ("XLA's softmax products", 'float32 kernels')),

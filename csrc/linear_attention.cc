@@ -25,97 +25,40 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <vector>
 
+#include "avx512.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define DRDD_LA_TARGET __attribute__((target("avx512f")))
-#endif
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using bf16 = uint16_t;
+using drdd::AddInOrder;
+using drdd::bf16;
 using drdd::CeilDiv;
+using drdd::CpuSupported;
+using drdd::Dims;
+using drdd::GroupStart;
+using drdd::kBlock;
 using drdd::ParallelFor;
 using drdd::Scratch;
+using drdd::SumGroups;
 using drdd::Workers;
 
-constexpr int64_t kBlock = 64;  // pixels per block of the context's sums
-constexpr int kRows = 6;        // output: pixels per tile
+constexpr int kRows = 6;  // output: pixels per tile
 
-// The pixels of fixed group g of `groups` over n pixels in blocks of kBlock.
-int64_t GroupStart(int64_t g, int64_t groups, int64_t n) {
-  return std::min(n, g * CeilDiv(n, kBlock) / groups * kBlock);
-}
+#if defined(DRDD_AVX512)
 
-// The fixed number of groups of pixel blocks that the sums over n pixels
-// run in: twice the threads, at most one per block.
-int64_t SumGroups(ffi::ThreadPool& pool, int64_t n) {
-  const int64_t blocks = CeilDiv(n, kBlock);
-  return std::min(blocks, 2 * Workers(pool, blocks));
-}
-
-// out[i] = partials[0][i] + ... + partials[groups - 1][i], i < size, in
-// that order.
-void AddInOrder(const float* partials, int64_t groups, int64_t size,
-                float* out) {
-  std::memcpy(out, partials, size * sizeof(float));
-  for (int64_t g = 1; g < groups; ++g) {
-    const float* part = partials + g * size;
-    for (int64_t i = 0; i < size; ++i) out[i] += part[i];
-  }
-}
-
-#if defined(DRDD_LA_TARGET)
-
-// 16 bfloat16 values as float32.
-DRDD_LA_TARGET __m512 Load16(const bf16* p) {
-  __m512i wide = _mm512_cvtepu16_epi32(
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-// v rounded to bfloat16 (to nearest even; NaN stays NaN), stored at p.
-DRDD_LA_TARGET void Store16(bf16* p, __m512 v) {
-  __m512i b = _mm512_castps_si512(v);
-  __m512i lsb =
-      _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  b = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), b,
-                              _mm512_set1_epi32(0x7FC00000));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
-}
-
-// exp(x) for x <= 0 (shifted logits), within 2 ulp; exp(-87) below -87.
-DRDD_LA_TARGET __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // NaN stays NaN
-  // x = n ln2 + r, |r| <= ln2 / 2; exp(x) = 2^n exp(r).
-  __m512 n = _mm512_roundscale_ps(
-      _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  // Taylor series to r^7: relative error < 1e-8 on |r| <= ln2 / 2.
-  constexpr float kCoef[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
-                             1.0f / 6,    0.5f,       1.0f,       1.0f};
-  __m512 p = _mm512_set1_ps(kCoef[0]);
-  for (int i = 1; i < 8; ++i) {
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kCoef[i]));
-  }
-  return _mm512_scalef_ps(p, n);
-}
+using drdd::Exp;
+using drdd::Load16;
+using drdd::Store16;
 
 // acc[r, 16 j + i] (ld floats per row r < 4) += sum_{p < np} e[p w + r]
 // h[p d + 16 j + i], j < NJ.
 template <int NJ>
-DRDD_LA_TARGET void ContextTileN(const float* e, int64_t w, const float* h,
+DRDD_AVX512 void ContextTileN(const float* e, int64_t w, const float* h,
                                  int64_t d, int64_t np, float* acc,
                                  int64_t ld) {
   __m512 a[4][NJ];
@@ -142,7 +85,7 @@ DRDD_LA_TARGET void ContextTileN(const float* e, int64_t w, const float* h,
   }
 }
 
-DRDD_LA_TARGET void ContextTile(int nj, const float* e, int64_t w,
+DRDD_AVX512 void ContextTile(int nj, const float* e, int64_t w,
                                 const float* h, int64_t d, int64_t np,
                                 float* acc, int64_t ld) {
   switch (nj) {
@@ -156,7 +99,7 @@ DRDD_LA_TARGET void ContextTile(int nj, const float* e, int64_t w,
 // out[r, 16 j + i] (f floats per row, r < rows) = bias[16 j + i] + sum_c
 // prob[r w + c] ctx[c f + 16 j + i], j < NJ.
 template <int NJ>
-DRDD_LA_TARGET void OutputTileN(const float* prob, int64_t w, const float* ctx,
+DRDD_AVX512 void OutputTileN(const float* prob, int64_t w, const float* ctx,
                                 int64_t f, const float* bias, float* out,
                                 int rows) {
   __m512 a[kRows][NJ];
@@ -182,7 +125,7 @@ DRDD_LA_TARGET void OutputTileN(const float* prob, int64_t w, const float* ctx,
   }
 }
 
-DRDD_LA_TARGET void OutputTile(int nj, const float* prob, int64_t w,
+DRDD_AVX512 void OutputTile(int nj, const float* prob, int64_t w,
                                const float* ctx, int64_t f, const float* bias,
                                float* out, int rows) {
   switch (nj) {
@@ -195,7 +138,7 @@ DRDD_LA_TARGET void OutputTile(int nj, const float* prob, int64_t w,
 
 // out [rows, cols] (cols floats per row) = a [kRows, inner] (inner floats
 // per row; rows past `rows` read, not stored) times b [inner, cols] + bias.
-DRDD_LA_TARGET void RowsTimes(const float* a, int64_t inner, const float* b,
+DRDD_AVX512 void RowsTimes(const float* a, int64_t inner, const float* b,
                               int64_t cols, const float* bias, float* out,
                               int rows) {
   for (int64_t j0 = 0; j0 < cols / 16; j0 += 4) {
@@ -206,7 +149,7 @@ DRDD_LA_TARGET void RowsTimes(const float* a, int64_t inner, const float* b,
 
 // acc [w, cols] (ld floats per row) += e^T h over np pixels: e [np, w], h
 // [np, cols] (cols floats per row).
-DRDD_LA_TARGET void TransposeTimes(const float* e, int64_t w, const float* h,
+DRDD_AVX512 void TransposeTimes(const float* e, int64_t w, const float* h,
                                    int64_t cols, int64_t np, float* acc,
                                    int64_t ld) {
   for (int64_t c = 0; c < w; c += 4) {
@@ -226,10 +169,8 @@ const float* PaddedRows(const float* src, int64_t ld, int rows, float* pad) {
   return pad;
 }
 
-bool CpuSupported() { return __builtin_cpu_supports("avx512f"); }
-
 // m[c] = max over pixels [lo, hi) of k[p, c] (rows 2 w apart).
-DRDD_LA_TARGET void ColumnMaxima(const bf16* k, int64_t w, int64_t lo,
+DRDD_AVX512 void ColumnMaxima(const bf16* k, int64_t w, int64_t lo,
                                  int64_t hi, float* m) {
   for (int64_t j = 0; j < w / 16; ++j) {
     __m512 v = _mm512_set1_ps(-INFINITY);
@@ -242,7 +183,7 @@ DRDD_LA_TARGET void ColumnMaxima(const bf16* k, int64_t w, int64_t lo,
 
 // acc [w, d + 1] = the sums of kh over pixels [lo, hi), block by block: e
 // (kBlock x w scratch) = exp(k - m), its column sums into column d, then e^T h.
-DRDD_LA_TARGET void ContextSums(const bf16* k, const float* h, const float* m,
+DRDD_AVX512 void ContextSums(const bf16* k, const float* h, const float* m,
                                 int64_t w, int64_t d, int64_t lo, int64_t hi,
                                 float* e, float* acc) {
   const int64_t ld = d + 1;
@@ -298,7 +239,7 @@ void Context(ffi::ThreadPool& pool, const bf16* qk, const float* h,
 
 // prob[c] for c < w = the softmax of q (bfloat16) over each head's
 // head_dim channels, times scale.
-DRDD_LA_TARGET void HeadSoftmax(const bf16* q, int64_t w, int64_t head_dim,
+DRDD_AVX512 void HeadSoftmax(const bf16* q, int64_t w, int64_t head_dim,
                                 float scale, float* prob) {
   const int64_t hv = head_dim / 16;
   for (int64_t h0 = 0; h0 < w; h0 += head_dim) {
@@ -349,7 +290,7 @@ void Output(ffi::ThreadPool& pool, const bf16* qk, const float* ctx,
 // One block of np pixels of one example for drdd_la_output_grad: per tile,
 // p (into pb, kBlock x w), dp = g ctx^T (ctx_t [f, w]) and dq; then
 // acc [w, f] += p^T g.
-DRDD_LA_TARGET void OutputGradBlock(const bf16* qk, const float* g,
+DRDD_AVX512 void OutputGradBlock(const bf16* qk, const float* g,
                                     const float* ctx_t, const float* zeros,
                                     int64_t np, int64_t w, int64_t f,
                                     int64_t head_dim, float scale, float* pb,
@@ -420,7 +361,7 @@ void OutputGrad(ffi::ThreadPool& pool, const bf16* qk, const float* g,
 // One tile of `rows` pixels of one example for drdd_la_context_grad: e, de
 // = h dkh[:, :d]^T + dkh[:, d] (dkh_t [d, w], col [w]), dqk = [dq, e de],
 // dh = e dkh[:, :d] (dkh_c [w, d]).
-DRDD_LA_TARGET void ContextGradTile(const bf16* qk, const float* h,
+DRDD_AVX512 void ContextGradTile(const bf16* qk, const float* h,
                                     const float* m, const float* dkh_t,
                                     const float* col, const float* dkh_c,
                                     const float* zeros, const bf16* dq,
@@ -478,17 +419,7 @@ void ContextGrad(ffi::ThreadPool& pool, const bf16* qk, const float* h,
   });
 }
 
-#else
-
-bool CpuSupported() { return false; }
-
-#endif  // DRDD_LA_TARGET
-
-// Whether dims are exactly `want`.
-bool Dims(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want) {
-  return dims.size() == want.size() && std::equal(want.begin(), want.end(),
-                                                  dims.begin());
-}
+#endif  // DRDD_AVX512
 
 // Success where the CPU has AVX-512, qk is [B, N, 2W] with W a multiple of
 // 16 and the other shapes are right (ok); else the error `what`.
@@ -517,7 +448,7 @@ ffi::Error ContextImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
       e.failure()) {
     return e;
   }
-#if defined(DRDD_LA_TARGET)
+#if defined(DRDD_AVX512)
   Context(pool, reinterpret_cast<const bf16*>(qk.typed_data()), h.typed_data(),
           q[0], q[1], q[2] / 2, hd[2], kh->typed_data(), m->typed_data());
 #endif
@@ -543,7 +474,7 @@ ffi::Error OutputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
       e.failure()) {
     return e;
   }
-#if defined(DRDD_LA_TARGET)
+#if defined(DRDD_AVX512)
   Output(pool, reinterpret_cast<const bf16*>(qk.typed_data()),
          ctx.typed_data(), bias.typed_data(), q[0], q[1], q[2] / 2, cd[2],
          head_dim, out->typed_data());
@@ -567,7 +498,7 @@ ffi::Error OutputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
       e.failure()) {
     return e;
   }
-#if defined(DRDD_LA_TARGET)
+#if defined(DRDD_AVX512)
   OutputGrad(pool, reinterpret_cast<const bf16*>(qk.typed_data()),
              g.typed_data(), ctx.typed_data(), q[0], q[1], q[2] / 2, cd[2],
              head_dim, reinterpret_cast<bf16*>(dq->typed_data()),
@@ -597,7 +528,7 @@ ffi::Error ContextGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
       e.failure()) {
     return e;
   }
-#if defined(DRDD_LA_TARGET)
+#if defined(DRDD_AVX512)
   ContextGrad(pool, reinterpret_cast<const bf16*>(qk.typed_data()),
               h.typed_data(), m.typed_data(), dkh.typed_data(),
               reinterpret_cast<const bf16*>(dq.typed_data()), q[0], q[1], w,

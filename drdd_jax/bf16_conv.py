@@ -7,11 +7,12 @@ of a float32 FMA), as XLA FFI custom calls: the convolution (also its input
 gradient) and its weight gradient, on float32 or bfloat16 operands rounded
 to bfloat16, with float32 sums. The same library holds the linear
 attention's two softmax products and their gradients in float32
-(`csrc/linear_attention.cc`). `pip install` builds it as
-`drdd_jax/_bf16_conv*.so` where a C++ compiler is found; `unet.conv` runs
-its bfloat16 convolutions on it where `enabled()`, and
-`unet.LinearAttention` its softmax products. Every kernel sums in a fixed
-order: a call returns the same bits every time.
+(`csrc/linear_attention.cc`) and GroupNorm + SiLU's gradient
+(`csrc/group_norm.cc`). `pip install` builds it as `drdd_jax/_bf16_conv*.so`
+where a C++ compiler is found; where `enabled()`, `unet.conv` runs its
+bfloat16 convolutions on it, `unet.LinearAttention` its softmax products
+and `unet.GroupNorm` its gradient. Every kernel sums in a fixed order: a
+call returns the same bits every time.
 """
 import contextlib
 import ctypes
@@ -30,7 +31,9 @@ _TARGETS = {'drdd_bf16_conv': 'DrddBf16Conv',
             'drdd_la_context': 'DrddLinearAttentionContext',
             'drdd_la_output': 'DrddLinearAttentionOutput',
             'drdd_la_context_grad': 'DrddLinearAttentionContextGrad',
-            'drdd_la_output_grad': 'DrddLinearAttentionOutputGrad'}
+            'drdd_la_output_grad': 'DrddLinearAttentionOutputGrad',
+            'drdd_gn_silu_sums': 'DrddGroupNormSiluSums',
+            'drdd_gn_silu_grad': 'DrddGroupNormSiluGrad'}
 
 
 @functools.cache
@@ -184,3 +187,30 @@ def linear_attention_context_grad(qk, h, m, dkh, dq):
   return jax.ffi.ffi_call('drdd_la_context_grad', (
       jax.ShapeDtypeStruct(qk.shape, jnp.bfloat16),
       jax.ShapeDtypeStruct(h.shape, jnp.float32)))(qk, h, m, dkh, dq)
+
+
+def group_norm_silu_sums(x, g, mul, add):
+  """The pixel sums of the gradient of `silu(x * mul + add)`
+  (`csrc/group_norm.cc`).
+
+  Args:
+    x: [B, N, C] bfloat16, C a multiple of 16.
+    g: [B, N, C] float32 or bfloat16, the output's cotangent.
+    mul, add: [B, C] float32.
+
+  Returns:
+    [B, 2, C] float32: the sums over the pixels of gh = g * silu'(x * mul +
+    add) (add's gradient) and of gh * x (mul's).
+  """
+  _library()
+  b, _, c = x.shape
+  return jax.ffi.ffi_call('drdd_gn_silu_sums', jax.ShapeDtypeStruct(
+      (b, 2, c), jnp.float32))(x, g, mul, add)
+
+
+def group_norm_silu_grad(x, g, mul, add, u, v):
+  """`gh * mul + u + v * x` in bfloat16, gh as for `group_norm_silu_sums`;
+  u, v [B, C] float32 (`csrc/group_norm.cc`)."""
+  _library()
+  return jax.ffi.ffi_call('drdd_gn_silu_grad', jax.ShapeDtypeStruct(
+      x.shape, jnp.bfloat16))(x, g, mul, add, u, v)

@@ -27,15 +27,15 @@ _torch_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 Dtype = Any
 
 
-def conv(x, w, padding=None, precision=None):
+def conv(x, w, padding=None, precision=None, out_dtype=None):
   """Stride-1 convolution: [B, H, W, I] x [kh, kw, I, O] -> [B, H', W', O].
 
   Computed in `x`'s dtype (`w` is cast to it; bfloat16 products are summed
   in float32). `padding` is `((top, bottom), (left, right))` zeros, by
   default 'SAME' (odd kernels). With `precision=jnp.bfloat16` a float32
   convolution is computed in bfloat16: `x` and `w` rounded to bfloat16, the
-  result returned in `x`'s dtype (the rest of a float32 network stays
-  float32).
+  result returned in `out_dtype`, by default `x`'s dtype (the rest of a
+  float32 network stays float32).
 
   On CPU the gradient is written out as two convolutions in the dimension
   order that XLA:CPU runs on Eigen. jax's own gradient convolutions use
@@ -55,7 +55,8 @@ def conv(x, w, padding=None, precision=None):
   padding = tuple(tuple(p) for p in padding)
   if (precision is not None and jnp.dtype(precision) == jnp.bfloat16
       and x.dtype != jnp.bfloat16):
-    return conv(x.astype(jnp.bfloat16), w, padding).astype(x.dtype)
+    return conv(x.astype(jnp.bfloat16), w, padding).astype(
+        out_dtype or x.dtype)
   if jax.default_backend() == 'cpu':
     return _conv(x, w, padding,
                  x.dtype == jnp.bfloat16 and bf16_conv.enabled())
@@ -308,14 +309,18 @@ class Conv(nn.Module):
     """The convolution; with `add_bias=False`, `(y, bias)` unsummed.
 
     A following `GroupNorm` takes the bias as its `shift` and folds it into
-    its per-channel factors, so that `y + bias` is never materialized.
+    its per-channel factors, so that `y + bias` is never materialized; `y`
+    then stays in the dtype the convolution computes in (`precision`'s).
     """
     k = self.kernel_size
     w = self.param('kernel', _torch_init, (k, k, x.shape[-1], self.features))
     w = self.prepare_kernel(w)
     x = x.astype(self.dtype)
-    y = (upsample_conv(x, w, self.precision) if self.upsample
-         else conv(x, w, precision=self.precision))
+    if self.upsample:
+      y = upsample_conv(x, w, self.precision)
+    else:
+      y = conv(x, w, precision=self.precision,
+               out_dtype=None if add_bias else self.precision)
     if not self.use_bias:
       return y
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
@@ -330,24 +335,25 @@ class WSConv(Conv):
     return standardize_kernel(w)
 
 
-def group_norm_factors(x, scale, bias, num_groups: int, epsilon: float,
-                       shift=None):
-  """`mul`, `add` [b, 1, 1, c] with `x * mul + add == GroupNorm(x + shift)`.
-
-  `nn.GroupNorm`'s maths (variance E[v^2] - E[v]^2 clipped at 0) for
-  `v = x + shift`, `shift` a per-channel [c] vector (a convolution's bias),
-  or 0: the statistics of `v` come from the per-channel sums of `x`
-  (`sum_rows`), then the sums over each group's channels.
-  """
+def _pixel_sums(x):
+  """The per-channel sums of `x` [b, h, w, c] and of its square over the
+  pixels (`sum_rows`): two [b, c] float32 arrays."""
   b, c = x.shape[0], x.shape[-1]
-  per_group = c // num_groups
   xf = x.astype(jnp.float32).reshape(b, -1, c)
-  n = xf.shape[1]
-  shift = (jnp.zeros((c,)) if shift is None
-           else shift.astype(jnp.float32))
-  sums, square_sums = sum_rows(xf, jnp.square(xf))
-  square_sums = square_sums + (2 * sums + n * shift) * shift
-  sums = sums + n * shift
+  return sum_rows(xf, jnp.square(xf))
+
+
+def _factors_from_sums(sums, square_sums, n: int, params, num_groups: int,
+                       epsilon: float):
+  """`group_norm_factors` from `_pixel_sums`' output over n pixels;
+  `params = (scale, bias, shift, film)`."""
+  scale, bias, shift, film = params
+  b, c = sums.shape
+  per_group = c // num_groups
+  if shift is not None:
+    shift = shift.astype(jnp.float32)
+    square_sums = square_sums + (2 * sums + n * shift) * shift
+    sums = sums + n * shift
 
   def group_mean(v):  # [b, c] -> [b, groups, 1]
     return v.reshape(b, num_groups, per_group).sum(-1, keepdims=True) / (
@@ -359,7 +365,76 @@ def group_norm_factors(x, scale, bias, num_groups: int, epsilon: float,
   mean = group_mean(sums)
   var = jnp.maximum(0.0, group_mean(square_sums) - jnp.square(mean))
   mul = per_channel(jax.lax.rsqrt(var + epsilon)) * scale
-  return mul, bias + (shift - per_channel(mean)) * mul
+  centre = -per_channel(mean) if shift is None else shift - per_channel(mean)
+  add = bias + centre * mul
+  if film is None:
+    return mul, add
+  film_scale, film_shift = (v.astype(jnp.float32) for v in film)
+  return mul * (film_scale + 1), add * (film_scale + 1) + film_shift
+
+
+def group_norm_factors(x, scale, bias, num_groups: int, epsilon: float,
+                       shift=None, film=None):
+  """`mul`, `add` [b, 1, 1, c] with `x * mul + add == GroupNorm(x + shift)
+  * (1 + film[0]) + film[1]`.
+
+  `nn.GroupNorm`'s maths (variance E[v^2] - E[v]^2 clipped at 0) for
+  `v = x + shift`, `shift` a per-channel [c] vector (a convolution's bias),
+  or 0: the statistics of `v` come from the per-channel sums of `x`
+  (`sum_rows`), then the sums over each group's channels. `film`: None, or
+  `(scale, shift)`, each [b, 1, 1, c].
+  """
+  n = x.size // (x.shape[0] * x.shape[-1])
+  return _factors_from_sums(*_pixel_sums(x), n, (scale, bias, shift, film),
+                            num_groups, epsilon)
+
+
+def _norm_silu_on_kernels(x) -> bool:
+  """Whether `GroupNorm(silu=True)` of `x` takes its gradient from
+  `bf16_conv`'s kernels (`_group_norm_silu`)."""
+  return (x.dtype == jnp.bfloat16 and x.shape[-1] % 16 == 0
+          and bf16_conv.enabled())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _group_norm_silu(num_groups, epsilon, dtype, x, params):
+  """`silu(GroupNorm(x))` in `dtype` for a bfloat16 `x`, its gradient from
+  `bf16_conv.group_norm_silu_sums`/`_grad`; `params` as for
+  `_factors_from_sums`."""
+  return _group_norm_silu_fwd(num_groups, epsilon, dtype, x, params)[0]
+
+
+def _group_norm_silu_fwd(num_groups, epsilon, dtype, x, params):
+  sums = _pixel_sums(x)
+  n = x.size // (x.shape[0] * x.shape[-1])
+  mul, add = materialize(*_factors_from_sums(*sums, n, params, num_groups,
+                                             epsilon))
+  # Saved: x (bfloat16) and [b, c] arrays; no full-size float32 sigmoid.
+  return nn.silu(x * mul + add).astype(dtype), (x, params, sums, mul, add)
+
+
+def _group_norm_silu_bwd(num_groups, epsilon, dtype, saved, g):
+  del dtype
+  x, params, sums, mul, add = saved
+  b, c = x.shape[0], x.shape[-1]
+  n = x.size // (b * c)
+  flat = lambda v: v.reshape(b, -1, c)
+  factors = (flat(mul)[:, 0], flat(add)[:, 0])
+  # The gradients of mul and add (the pixel sums), through the small graph
+  # that made them from the statistics and the parameters; then dx, the
+  # statistics' share (sums of x and x^2) included.
+  pixel = bf16_conv.group_norm_silu_sums(flat(x), flat(g), *factors)
+  d_factors = (pixel[:, 1].reshape(mul.shape), pixel[:, 0].reshape(add.shape))
+  _, vjp = jax.vjp(
+      lambda s, s2, p: _factors_from_sums(s, s2, n, p, num_groups, epsilon),
+      *sums, params)
+  d_sums, d_square_sums, d_params = vjp(d_factors)
+  dx = bf16_conv.group_norm_silu_grad(flat(x), flat(g), *factors, d_sums,
+                                      2 * d_square_sums)
+  return dx.reshape(x.shape), d_params
+
+
+_group_norm_silu.defvjp(_group_norm_silu_fwd, _group_norm_silu_bwd)
 
 
 class GroupNorm(nn.Module):
@@ -372,14 +447,20 @@ class GroupNorm(nn.Module):
   and the time embedding's scale and shift (`film`) fold into `mul` and
   `add`: no full-size `x + shift`, and in the backward pass no sum of the
   gradient over the pixels for the bias apart from the normalization's own.
+
+  With `silu`, followed by SiLU (computed in float32). For a bfloat16 `x`
+  (a bfloat16 convolution's output) where `bf16_conv`'s kernels run, the
+  gradient of both comes from those: two passes over the bfloat16 `x` and
+  the cotangent, and only `x` kept for the backward pass.
   """
   num_groups: int
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  silu: bool = False
 
   @nn.compact
   def __call__(self, x, shift=None, film=None):
-    """`GroupNorm(x + shift) * (1 + film[0]) + film[1]`.
+    """`GroupNorm(x + shift) * (1 + film[0]) + film[1]`, then SiLU if `silu`.
 
     Args:
       x: [b, h, w, c].
@@ -392,15 +473,16 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,))
     bias = self.param('bias', nn.initializers.zeros, (c,))
+    if self.silu and _norm_silu_on_kernels(x):
+      return _group_norm_silu(self.num_groups, self.epsilon, self.dtype, x,
+                              (scale, bias, shift, film))
     mul, add = group_norm_factors(x, scale, bias, self.num_groups,
-                                  self.epsilon, shift)
-    if film is not None:
-      film_scale, film_shift = (v.astype(jnp.float32) for v in film)
-      mul, add = mul * (film_scale + 1), add * (film_scale + 1) + film_shift
+                                  self.epsilon, shift, film)
     # Computed once: fused into the elementwise loops, the factors and their
     # group->channel broadcast are recomputed per pixel.
     mul, add = materialize(mul, add)
-    return (x * mul + add).astype(self.dtype)
+    y = x * mul + add
+    return (nn.silu(y) if self.silu else y).astype(self.dtype)
 
 
 class ResBlock(nn.Module):
@@ -417,10 +499,13 @@ class ResBlock(nn.Module):
     film = jnp.split(ss[:, None, None, :], 2, axis=-1)
     ws_conv = functools.partial(WSConv, self.features, dtype=self.dtype,
                                 precision=self.precision)
+    # The first block's output in the next convolution's precision (it
+    # rounds it to that anyway).
+    norm = functools.partial(GroupNorm, self.groups, 1e-5, silu=True)
     h, bias = ws_conv()(x, add_bias=False)
-    h = nn.silu(GroupNorm(self.groups, 1e-5, self.dtype)(h, bias, film))
+    h = norm(dtype=self.precision or self.dtype)(h, bias, film)
     h, bias = ws_conv()(h, add_bias=False)
-    h = nn.silu(GroupNorm(self.groups, 1e-5, self.dtype)(h, bias))
+    h = norm(dtype=self.dtype)(h, bias)
     if x.shape[-1] != self.features:
       x = Conv(self.features, 1, self.dtype, precision=self.precision)(x)
     return h + x

@@ -5,6 +5,7 @@ elsewhere `available()` is False, those tests skip, and `unet.conv`'s
 bfloat16 convolutions are XLA's (tested here against the kernels, and
 everywhere on their own).
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,3 +308,72 @@ def test_linear_attention_on_the_kernels(monkeypatch, b, n, d, heads):
     grad = jax.grad(lambda p: jnp.sum(layer.apply(p, x)))
     assert ('drdd_la_context_grad' in str(jax.make_jaxpr(grad)(params))
             ) == kernels
+
+
+@needs_kernels
+@pytest.mark.parametrize('b, n, c', [(2, 1023, 48), (3, 63, 80), (1, 4096, 64)])
+@pytest.mark.parametrize('g_dtype', [jnp.float32, jnp.bfloat16])
+def test_group_norm_silu_kernels_match_jnp(b, n, c, g_dtype):
+  """The two passes of GroupNorm + SiLU's gradient against jnp's maths
+  (float32), and the same bits on every call: pixels not a multiple of the
+  blocks of 64, channels not a multiple of the kernel's 64-channel blocks."""
+  rng = np.random.default_rng(7)
+  x = _random(rng, (b, n, c), scale=3.0)
+  g = _random(rng, (b, n, c), g_dtype)
+  mul, add, u, v = (_random(rng, (b, c), jnp.float32) for _ in range(4))
+  z = x.astype(jnp.float32) * mul[:, None] + add[:, None]
+  s = jax.nn.sigmoid(z)
+  gh = g.astype(jnp.float32) * s * (1 + z * (1 - s))
+  sums = jax.jit(bf16_conv.group_norm_silu_sums)(x, g, mul, add)
+  assert sums.shape == (b, 2, c) and sums.dtype == jnp.float32
+  _close(sums, jnp.stack([gh.sum(1), (gh * x).sum(1)], 1), 1e-5)
+  np.testing.assert_array_equal(
+      jax.jit(bf16_conv.group_norm_silu_sums)(x, g, mul, add), sums)
+  dx = jax.jit(bf16_conv.group_norm_silu_grad)(x, g, mul, add, u, v)
+  assert dx.dtype == jnp.bfloat16
+  _close(dx, gh * mul[:, None] + u[:, None] + v[:, None] * x, 2.0**-8)
+
+
+@needs_kernels
+@pytest.mark.parametrize('out_dtype, film', [(jnp.float32, True),
+                                             (jnp.bfloat16, False)])
+def test_group_norm_silu_on_the_kernels(monkeypatch, out_dtype, film):
+  """`unet.GroupNorm(silu=True)` of a bfloat16 input takes its gradient
+  from the kernels, within float32 roundings of flax's GroupNorm and SiLU
+  (the bfloat16 gradient of x within one rounding); a float32 input keeps
+  autodiff's."""
+  monkeypatch.setattr(bf16_conv, 'enabled', lambda: True)
+  rng = np.random.default_rng(8)
+  b, c = 2, 96
+  x = _random(rng, (b, 24, 20, c), scale=2.0)
+  shift = _random(rng, (c,), jnp.float32)
+  film = (tuple(_random(rng, (2, b, 1, 1, c), jnp.float32, 0.5))
+          if film else None)
+  g = _random(rng, x.shape, out_dtype)
+  ours = unet.GroupNorm(8, dtype=out_dtype, silu=True)
+  ref = nn.GroupNorm(8, epsilon=1e-5)
+  params = jax.tree.map(lambda a: a + _random(rng, a.shape, jnp.float32),
+                        ours.init(jax.random.key(0), x))
+
+  def reference(p, x, shift, film):
+    y = ref.apply(p, x.astype(jnp.float32) + shift)
+    if film is not None:
+      y = y * (film[0] + 1) + film[1]
+    return nn.silu(y).astype(out_dtype)
+
+  args = (params, x, shift, film)
+  vjp = lambda f: jax.jit(lambda *a: jax.vjp(f, *a))
+  (y, grad), (y_ref, grad_ref) = ((out, back(g)) for out, back in (
+      vjp(ours.apply)(*args), vjp(reference)(*args)))
+  assert y.dtype == out_dtype
+  _close(y, y_ref, 2.0**-7 if out_dtype == jnp.bfloat16 else 1e-5)
+  for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_ref)):
+    assert got.dtype == want.dtype
+    _close(got, np.asarray(want, np.float32),
+           2.0**-7 if got.dtype == jnp.bfloat16 else 1e-4)
+  jax.tree.map(np.testing.assert_array_equal,
+               vjp(ours.apply)(*args)[1](g), grad)
+  for dtype, kernels in ((jnp.bfloat16, True), (jnp.float32, False)):
+    loss = lambda p, x: jnp.sum(ours.apply(p, x).astype(jnp.float32))
+    assert ('drdd_gn_silu_grad' in str(jax.make_jaxpr(jax.grad(
+        loss, argnums=(0, 1)))(params, x.astype(dtype)))) == kernels
