@@ -75,10 +75,14 @@ def test_quick_bench_on_tiny_config(tmp_path):
 
 
 def test_fractions_and_table():
-  recs = [dict(case='calibration', achieved_tflops=0.1),
-          dict(case='train', achieved_tflops=0.08, image_size=64)]
+  recs = [dict(case='calibration', achieved_tflops=0.1, flops_per_step=2.0,
+               time_s_min=0.5),
+          dict(case='train', achieved_tflops=0.08, image_size=64,
+               flops_per_step=6.0, time_s_min=2.0)]
   bench.add_fractions(recs)
   assert [r['fraction_of_calibration'] for r in recs] == pytest.approx([1, 0.8])
+  assert [r['best_fraction_of_calibration'] for r in recs] == pytest.approx(
+      [1, 0.75])
   text = bench.table(recs)
   assert text.splitlines()[0].split()[0] == 'case'
   assert '0.80' in text and '-' in text  # Missing fields print as '-'.
