@@ -47,6 +47,11 @@ changes:
                  commit, e.g. `git worktree add /tmp/o COMMIT && cd /tmp/o &&
                  python setup.py build_ext --inplace`).
 
+Two programs in one process can interfere: beside the new program, the
+ResNet block before GroupNorm's gradient kernels ran 1.12-1.28 s a step
+against 0.86-0.99 s alone (docs/performance.md, "On the Zen 5 machine");
+check a surprising result with separate runs that alternate.
+
 It runs as the package's programs do (`host_memory.tune_malloc`: XLA's
 per-call blocks kept, huge pages). docs/performance.md quotes it.
 """
@@ -200,7 +205,11 @@ CHANGES = {
 
 @contextlib.contextmanager
 def traced_as(change: str, variant: str):
-  """`change` undone in `unet` while tracing its 'before' variant."""
+  """`change` undone in `unet` while tracing its 'before' variant (nothing
+  for `change=None`)."""
+  if change is None:
+    yield
+    return
   name, before, variants = CHANGES[change]
   module, name = name if isinstance(name, tuple) else (unet, name)
   saved = getattr(module, name)
@@ -212,7 +221,13 @@ def traced_as(change: str, variant: str):
     setattr(module, name, saved)
 
 
+def variants(change):
+  """The names of `change`'s two variants; for None, the code as it is."""
+  return ('as is',) if change is None else CHANGES[change][2]
+
+
 def train_calls(config, change):
+  """{variant: a call of the train step traced that way} for `change`."""
   with config.unlocked():
     config.training.batch_size = 4
     config.training.steps_per_dispatch = 1
@@ -222,7 +237,7 @@ def train_calls(config, change):
       bench._synthetic_batch(4, train.noise_batch_size(config), 64), mesh)  # pylint: disable=protected-access
   rng = jax.device_put(jax.random.key(0))
   calls = {}
-  for name in CHANGES[change][2]:
+  for name in variants(change):
     state, shardings = train.create_train_state(config, model, tx, mesh)
     step = train.jit_train_step(
         train.make_train_step(config, model, train.make_schedule(config)),
@@ -240,13 +255,14 @@ def train_calls(config, change):
 
 
 def sample_calls(config, change, size: int):
+  """{variant: a call of the sampler on one size x size image}."""
   model = train.create_model(config)
   params = jax.jit(lambda r: unet.init_params(model, r))(jax.random.key(0))
   y = jax.random.uniform(jax.random.key(1), (1, size, size, 3), jnp.float32,
                          -1.0, 1.0)
   rng = jax.random.key(2)
   calls = {}
-  for name in CHANGES[change][2]:
+  for name in variants(change):
     sample = sampler.make_sampler(model, train.make_schedule(config),
                                   config.diffusion, config.sampling)
     with traced_as(change, name):

@@ -45,9 +45,9 @@ using drdd::Exp;
 using drdd::Load16;
 using drdd::Store16;
 
-// g silu'(z) = g s (1 + z (1 - s)), s = sigmoid(z); s and 1 - s from
-// e = exp(-|z|) as 1 / (1 + e) and e / (1 + e), each where it is the
-// larger (no cancellation in 1 - s).
+// g silu'(z) = g s (1 + z (1 - s)), s = sigmoid(z). With e = exp(-|z|),
+// s and 1 - s are 1 / (1 + e) and e / (1 + e), in the order the sign of z
+// says: 1 - s is never computed as a difference.
 DRDD_AVX512 inline __m512 SiluGrad(__m512 g, __m512 z) {
   const __m512 one = _mm512_set1_ps(1.0f);
   __m512 e = Exp(_mm512_castsi512_ps(_mm512_or_si512(

@@ -180,3 +180,34 @@ def test_conv_budget_finds_every_convolution(remat):
   assert ((2, 8, 8, 2 * base), (2, 2, 2 * base, 4 * base),
           ((1, 1), (1, 1))) in convs
   assert {lhs[1] for lhs, _, _ in convs} == {16, 8}
+
+
+def test_cpu_profile_sorts_samples_by_kernel_kind():
+  """benchmarks/cpu_profile.py: `perf script` sample lines summed by kind
+  (the convolution's weight gradient tasks are not GroupNorm's `Grad`)."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import cpu_profile  # pylint: disable=g-import-not-at-top
+  so = '/x/drdd_jax/_bf16_conv.cpython-311-x86_64-linux-gnu.so'
+  lines = [
+      f'  7f01 (anonymous namespace)::Tile<6, 4, false, unsigned short> ({so})',
+      f'  7f02 (anonymous namespace)::Tile<6, 4, true, float> ({so})',
+      f'  7f03 (anonymous namespace)::Interleave<float> ({so})',
+      f'  7f04 (anonymous namespace)::HeadSoftmax ({so})',
+      f'  7f05 (anonymous namespace)::Grad<float>(xla::ffi::ThreadPool&, '
+      f'unsigned short const*)::{{lambda(long)#1}}::operator() ({so})',
+      f'  7f06 (anonymous namespace)::WeightGrad<float, float>::{{lambda}} '
+      f'({so})',
+      '  7f07 [unknown] (/tmp/perf-8007.map)',
+      '  7f08 [unknown] (/tmp/perf-8007.map)',
+      '  7f09 memcpy (/usr/lib/x86_64-linux-gnu/libc.so.6)',
+      '  7f0a ynn::dot_fp32 (/v/jaxlib/libjax_common.so)',
+      'not a sample line']
+  shares = cpu_profile.by_kind('\n'.join(lines))
+  assert shares['conv tiles'] == 20.0
+  assert shares['conv packing, padding, rounding'] == 10.0
+  assert shares['linear attention kernels'] == 10.0
+  assert shares['GroupNorm gradient kernels'] == 10.0
+  assert shares['kernels, other (task set-up)'] == 10.0
+  assert shares["XLA's generated code"] == 20.0
+  assert shares['libc'] == shares['libjax_common.so'] == 10.0
+  assert sum(shares.values()) == pytest.approx(100)
