@@ -40,6 +40,7 @@
 #include <memory>
 #include <vector>
 
+#include "kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -53,11 +54,13 @@ namespace ffi = xla::ffi;
 namespace {
 
 using drdd::CeilDiv;
+using drdd::IsF32;
 using drdd::ParallelFor;
 using drdd::ParallelForWorkers;
 using drdd::Scratch;
 using drdd::Workers;
-using bf16 = uint16_t;
+using drdd::WithType;
+using drdd::bf16;
 constexpr int kRows = 6;        // accumulator rows per tile
 constexpr int kCols = 64;       // accumulator columns per tile: 4 vectors
 constexpr int kTileGroup = 8;   // tiles of rows per task
@@ -559,25 +562,10 @@ void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
 
 #endif  // DRDD_TARGET
 
-bool IsF32(const ffi::AnyBuffer& a) {
-  return a.element_type() == ffi::DataType::F32;
-}
-
 // f(A{}, B{}) with A and B float or bf16, the element types of two operands.
 template <typename F>
 void WithTypes(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const F& f) {
-  auto second = [&](auto ta) {
-    if (IsF32(b)) {
-      f(ta, float{});
-    } else {
-      f(ta, bf16{});
-    }
-  };
-  if (IsF32(a)) {
-    second(float{});
-  } else {
-    second(bf16{});
-  }
+  WithType(a, [&](auto ta) { WithType(b, [&](auto tb) { f(ta, tb); }); });
 }
 
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,

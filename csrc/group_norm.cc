@@ -19,31 +19,18 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "avx512.h"
+#include "kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+namespace drdd {
 namespace {
-
-using drdd::AddInOrder;
-using drdd::bf16;
-using drdd::CeilDiv;
-using drdd::CpuSupported;
-using drdd::Dims;
-using drdd::GroupStart;
-using drdd::ParallelFor;
-using drdd::Scratch;
-using drdd::SumGroups;
 
 constexpr int64_t kGradRows = 32;  // drdd_gn_silu_grad: pixels per task
 
 #if defined(DRDD_AVX512)
-
-using drdd::Exp;
-using drdd::Load16;
-using drdd::Store16;
 
 // g silu'(z) = g s (1 + z (1 - s)), s = sigmoid(z). With e = exp(-|z|),
 // s and 1 - s are 1 / (1 + e) and e / (1 + e), in the order the sign of z
@@ -161,8 +148,7 @@ ffi::Error Check(ffi::Span<const int64_t> x, const ffi::AnyBuffer& g,
   }
   ok = ok && x.size() == 3 && x[2] % 16 == 0 &&
        Dims(g.dimensions(), {x[0], x[1], x[2]}) &&
-       (g.element_type() == ffi::DataType::F32 ||
-        g.element_type() == ffi::DataType::BF16);
+       (IsF32(g) || g.element_type() == ffi::DataType::BF16);
   for (auto* f : factors) ok = ok && Dims(f->dimensions(), {x[0], x[2]});
   return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(what);
 }
@@ -182,16 +168,11 @@ ffi::Error SumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
     return e;
   }
 #if defined(DRDD_AVX512)
-  auto run = [&](auto* gp) {
-    Sums(pool, reinterpret_cast<const bf16*>(x.typed_data()), gp,
-         mul.typed_data(), add.typed_data(), d[0], d[1], d[2],
-         sums->typed_data());
-  };
-  if (g.element_type() == ffi::DataType::F32) {
-    run(static_cast<const float*>(g.untyped_data()));
-  } else {
-    run(static_cast<const bf16*>(g.untyped_data()));
-  }
+  WithType(g, [&](auto tg) {
+    Sums(pool, reinterpret_cast<const bf16*>(x.typed_data()),
+         static_cast<const decltype(tg)*>(g.untyped_data()), mul.typed_data(),
+         add.typed_data(), d[0], d[1], d[2], sums->typed_data());
+  });
 #endif
   return ffi::Error::Success();
 }
@@ -212,38 +193,37 @@ ffi::Error GradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
     return e;
   }
 #if defined(DRDD_AVX512)
-  auto run = [&](auto* gp) {
-    Grad(pool, reinterpret_cast<const bf16*>(x.typed_data()), gp,
-         mul.typed_data(), add.typed_data(), u.typed_data(), v.typed_data(),
-         d[0], d[1], d[2], reinterpret_cast<bf16*>(dx->typed_data()));
-  };
-  if (g.element_type() == ffi::DataType::F32) {
-    run(static_cast<const float*>(g.untyped_data()));
-  } else {
-    run(static_cast<const bf16*>(g.untyped_data()));
-  }
+  WithType(g, [&](auto tg) {
+    Grad(pool, reinterpret_cast<const bf16*>(x.typed_data()),
+         static_cast<const decltype(tg)*>(g.untyped_data()), mul.typed_data(),
+         add.typed_data(), u.typed_data(), v.typed_data(), d[0], d[1], d[2],
+         reinterpret_cast<bf16*>(dx->typed_data()));
+  });
 #endif
   return ffi::Error::Success();
 }
 
 }  // namespace
+}  // namespace drdd
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddGroupNormSiluSums, SumsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DrddGroupNormSiluSums, drdd::SumsImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddGroupNormSiluGrad, GradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DrddGroupNormSiluGrad, drdd::GradImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::BF16>>());

@@ -27,33 +27,18 @@
 #include <cstring>
 #include <vector>
 
-#include "avx512.h"
+#include "kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+namespace drdd {
 namespace {
-
-using drdd::AddInOrder;
-using drdd::bf16;
-using drdd::CeilDiv;
-using drdd::CpuSupported;
-using drdd::Dims;
-using drdd::GroupStart;
-using drdd::kBlock;
-using drdd::ParallelFor;
-using drdd::Scratch;
-using drdd::SumGroups;
-using drdd::Workers;
 
 constexpr int kRows = 6;  // output: pixels per tile
 
 #if defined(DRDD_AVX512)
-
-using drdd::Exp;
-using drdd::Load16;
-using drdd::Store16;
 
 // acc[r, 16 j + i] (ld floats per row r < 4) += sum_{p < np} e[p w + r]
 // h[p d + 16 j + i], j < NJ.
@@ -539,41 +524,46 @@ ffi::Error ContextGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> qk,
 }
 
 }  // namespace
+}  // namespace drdd
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddLinearAttentionContext, ContextImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DrddLinearAttentionContext, drdd::ContextImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddLinearAttentionOutput, OutputImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("head_dim"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DrddLinearAttentionOutput, drdd::OutputImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<int64_t>("head_dim"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddLinearAttentionOutputGrad, OutputGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("head_dim"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DrddLinearAttentionOutputGrad, drdd::OutputGradImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::BF16>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<int64_t>("head_dim"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddLinearAttentionContextGrad, ContextGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DrddLinearAttentionContextGrad, drdd::ContextGradImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Ret<ffi::Buffer<ffi::BF16>>()
+        .Ret<ffi::Buffer<ffi::F32>>());

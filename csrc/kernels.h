@@ -1,8 +1,9 @@
-// float32 vector helpers for the AVX-512 FFI handlers of
-// csrc/linear_attention.cc and csrc/group_norm.cc, and the fixed pixel
-// groups their sums over the pixels run in.
-#ifndef DRDD_JAX_CSRC_AVX512_H_
-#define DRDD_JAX_CSRC_AVX512_H_
+// What the FFI handlers of csrc/*.cc share: operand checks and element-type
+// dispatch, the fixed pixel groups that sums over the pixels run in, and
+// float32 AVX-512 vector helpers (csrc/linear_attention.cc,
+// csrc/group_norm.cc).
+#ifndef DRDD_JAX_CSRC_KERNELS_H_
+#define DRDD_JAX_CSRC_KERNELS_H_
 
 #include <algorithm>
 #include <cstdint>
@@ -43,6 +44,20 @@ inline void AddInOrder(const float* partials, int64_t groups, int64_t size,
   for (int64_t g = 1; g < groups; ++g) {
     const float* part = partials + g * size;
     for (int64_t i = 0; i < size; ++i) out[i] += part[i];
+  }
+}
+
+inline bool IsF32(const ffi::AnyBuffer& a) {
+  return a.element_type() == ffi::DataType::F32;
+}
+
+// f(T{}) with T float or bf16, the element type of a (float32 or bfloat16).
+template <typename F>
+void WithType(const ffi::AnyBuffer& a, const F& f) {
+  if (IsF32(a)) {
+    f(float{});
+  } else {
+    f(bf16{});
   }
 }
 
@@ -105,4 +120,4 @@ inline bool CpuSupported() { return false; }
 
 }  // namespace drdd
 
-#endif  // DRDD_JAX_CSRC_AVX512_H_
+#endif  // DRDD_JAX_CSRC_KERNELS_H_
