@@ -30,9 +30,10 @@ from drdd_jax import host_memory
 
 # (kind, regex over "dso symbol"), first match wins.
 KINDS = [
-    ('conv tiles', r'_bf16_conv.* \S*Tile<'),
+    ('conv tiles', r'_bf16_conv.* \S*(Tile|AmxBlock)<'),
     ('conv packing, padding, rounding', r'_bf16_conv.* \S*(Interleave|ToBf16'
-     r'|Pad|PackKernel|PairRows|PackGradRows|WeightGradRows|FirstLanes)'),
+     r'|Pad|PackKernel|PairRows|PackGradRows|WeightGradRows|FirstLanes'
+     r'|StoreBlock)'),
     ('linear attention kernels', r'_bf16_conv.* \S*(Context|Output|HeadSoftmax'
      r'|ColumnMaxima|RowsTimes|TransposeTimes)'),
     ('GroupNorm gradient kernels', r'_bf16_conv.* \S*(SumsBlock|Sums<|[^t]Grad<)'),

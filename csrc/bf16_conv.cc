@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -45,7 +46,10 @@
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define DRDD_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #endif
 
@@ -64,6 +68,7 @@ using drdd::bf16;
 constexpr int kRows = 6;        // accumulator rows per tile
 constexpr int kCols = 64;       // accumulator columns per tile: 4 vectors
 constexpr int kTileGroup = 8;   // tiles of rows per task
+constexpr int64_t kAmxUnits = 4;  // AMX: blocks of 32 positions per task
 constexpr int kPairsPerBlock = 256;  // weight gradient: q per cache block
 constexpr int64_t kCachedB = 256 << 10;  // bytes of packed B that stay in L2
 // Weight gradient: the largest dw summed per worker (split over the
@@ -209,9 +214,124 @@ DRDD_TARGET void Interleave(const T* a, const T* b, int64_t n, bf16* out) {
   }
 }
 
+// AMX (Intel Sapphire Rapids and later): TDPBF16PS multiplies a tile of
+// 16 rows x 16 pairs of bfloat16 by one of 16 pairs x 16 columns (the
+// pair-interleaved layout of B above) into 16 x 16 float32 accumulators,
+// 16 times VDPBF16PS's work per instruction. Every tile here is 16 rows of
+// 64 bytes, one configuration for all: tmm0-3 accumulate a 32 x 32 block
+// (2 x 2 tiles), tmm4-5 hold its two A tiles, tmm6-7 its two B tiles.
+#define DRDD_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+// Whether this CPU and kernel run AMX tiles: CPUID says AMX-TILE and
+// AMX-BF16, and Linux grants the process the tile data state (asked once).
+// DRDD_JAX_AMX=0 in the environment keeps the AVX512-BF16 tiles (tests
+// compare the two).
+bool AmxSupported() {
+  static const bool supported = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // BF16, TILE
+#if defined(__linux__)
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+    return false;
+#endif
+  }();
+  if (!supported) return false;
+  const char* env = std::getenv("DRDD_JAX_AMX");
+  return !(env && env[0] == '0' && env[1] == 0);
+}
+
+// Palette 1, tiles 0-7 of 16 rows x 64 bytes. (Static: GCC 12 drops stores
+// to a local configuration that only LDTILECFG reads.)
+alignas(64) constexpr uint8_t kTileConfig[64] = {
+    1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,            // palette
+    64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0,    // bytes per row
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0};  // rows
+
+DRDD_AMX void ConfigureTiles() { _tile_loadconfig(kTileConfig); }
+
+// C (+)= sum_{s < steps} A_s B_s for a 16 NA x 16 NB block of float32 C
+// (rows c_ld bytes apart; loaded first when `accumulate`, else zero). A_s
+// is 16 NA rows of 16 pairs at a + a_off[s] (rows a_ld bytes apart, the
+// second tile a_next elements after the first), B_s 16 pairs x 16 NB
+// columns at b + s * b_step (rows b_ld bytes apart, the second tile b_next
+// elements after the first). The tiles must be configured.
+template <int NA, int NB>
+DRDD_AMX void AmxBlock(const bf16* a, int64_t a_next, int64_t a_ld,
+                       const int64_t* a_off, int64_t steps, const bf16* b,
+                       int64_t b_next, int64_t b_ld, int64_t b_step, float* c,
+                       int64_t c_ld, bool accumulate) {
+  float* c1 = reinterpret_cast<float*>(reinterpret_cast<char*>(c) + 16 * c_ld);
+  if (accumulate) {
+    _tile_loadd(0, c, c_ld);
+    if constexpr (NB > 1) _tile_loadd(1, c + 16, c_ld);
+    if constexpr (NA > 1) _tile_loadd(2, c1, c_ld);
+    if constexpr (NA > 1 && NB > 1) _tile_loadd(3, c1 + 16, c_ld);
+  } else {
+    _tile_zero(0);
+    if constexpr (NB > 1) _tile_zero(1);
+    if constexpr (NA > 1) _tile_zero(2);
+    if constexpr (NA > 1 && NB > 1) _tile_zero(3);
+  }
+  for (int64_t s = 0; s < steps; ++s, b += b_step) {
+    const bf16* as = a + a_off[s];
+    _tile_loadd(4, as, a_ld);
+    if constexpr (NA > 1) _tile_loadd(5, as + a_next, a_ld);
+    _tile_loadd(6, b, b_ld);
+    if constexpr (NB > 1) _tile_loadd(7, b + b_next, b_ld);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NA > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NA > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, c_ld);
+  if constexpr (NB > 1) _tile_stored(1, c + 16, c_ld);
+  if constexpr (NA > 1) _tile_stored(2, c1, c_ld);
+  if constexpr (NA > 1 && NB > 1) _tile_stored(3, c1 + 16, c_ld);
+}
+
+template <int NA>
+DRDD_AMX void AmxBlock(int nb, const bf16* a, int64_t a_next, int64_t a_ld,
+                       const int64_t* a_off, int64_t steps, const bf16* b,
+                       int64_t b_next, int64_t b_ld, int64_t b_step, float* c,
+                       int64_t c_ld, bool accumulate) {
+  (nb > 1 ? AmxBlock<NA, 2> : AmxBlock<NA, 1>)(
+      a, a_next, a_ld, a_off, steps, b, b_next, b_ld, b_step, c, c_ld,
+      accumulate);
+}
+
+DRDD_AMX void ReleaseTiles() { _tile_release(); }
+
+// Row r of a 32 x 32 float32 block (rows 128 bytes apart) into out +
+// out_row[r] * ld as Out, its first n <= 32 columns; rows with out_row[r]
+// < 0 are dropped.
+template <typename Out>
+DRDD_TARGET void StoreBlock(const float* acc, const int64_t* out_row, int n,
+                            Out* out, int64_t ld) {
+  const __mmask16 mask[2] = {FirstLanes(n), FirstLanes(std::max(0, n - 16))};
+  for (int r = 0; r < 32; ++r, acc += 32) {
+    if (out_row[r] < 0) continue;
+    Out* dst = out + out_row[r] * ld;
+    for (int h = 0; h < 2 && mask[h]; ++h) {
+      __m512 v = _mm512_loadu_ps(acc + 16 * h);
+      if constexpr (sizeof(Out) == 2) {
+        _mm256_mask_storeu_epi16(dst + 16 * h, mask[h],
+                                 (__m256i)_mm512_cvtneps_pbh(v));
+      } else {
+        _mm512_mask_storeu_ps(dst + 16 * h, mask[h], v);
+      }
+    }
+  }
+}
+
 #else  // not x86-64: CpuSupported() is false and no handler computes.
 
 bool CpuSupported() { return false; }
+bool AmxSupported() { return false; }
 
 #endif
 
@@ -330,19 +450,74 @@ void PackKernel(ffi::ThreadPool& pool, const T* w, const Geometry& g,
   });
 }
 
+// The convolution on AMX. Its A tiles are 16 consecutive positions of the
+// padded image (flat index f = i * wp + j, one row stride apart in xpad
+// whatever the row), of which those with j < wo and i < ho are output
+// pixels and the rest are computed and dropped: every tile is whole, at the
+// cost of the kw - 1 padding columns per row. Per image, f runs over
+// `units` of 32 positions (two A tiles), reading up to 31 positions past
+// the image (xs holds that much after the last one).
+template <typename Out>
+void AmxConv(ffi::ThreadPool& pool, const Geometry& g, const bf16* xs,
+             int64_t cp, const int64_t* seg, const ColumnBlocks& blocks,
+             const bf16* packed, int64_t out_ch, Out* y) {
+  const int64_t hp = g.hp(), wp = g.wp(), ho = g.ho(), wo = g.wo();
+  const int64_t taps = g.kh * g.kw, chunks = cp / 32;
+  const int64_t units = CeilDiv((ho - 1) * wp + wo, 32);
+  // Step s = (tap, 16 channel pairs) of the contracted axis: where its A
+  // tile starts from the tile's first position.
+  std::vector<int64_t> a_off(taps * chunks);
+  for (int64_t s = 0; s < taps * chunks; ++s) {
+    a_off[s] = seg[s / chunks] + 32 * (s % chunks);
+  }
+  const int64_t total = g.batch * units;
+  const int64_t groups = CeilDiv(total, kAmxUnits);
+  ParallelFor(pool, blocks.blocks.size() * groups, [&](int64_t task) {
+    const auto& blk = blocks.blocks[task / groups];
+    const int64_t u0 = task % groups * kAmxUnits;
+    const int64_t u1 = std::min(total, u0 + kAmxUnits);
+    alignas(64) float acc[32 * 32];
+    int64_t out_row[32];
+    ConfigureTiles();
+    for (int64_t unit = u0; unit < u1; ++unit) {
+      const int64_t b = unit / units, f0 = unit % units * 32;
+      for (int r = 0; r < 32; ++r) {
+        const int64_t i = (f0 + r) / wp, j = (f0 + r) % wp;
+        out_row[r] = i < ho && j < wo ? (b * ho + i) * wo + j : -1;
+      }
+      const bf16* a = xs + (b * hp * wp + f0) * cp;
+      for (int v = 0; v < blk.nv; v += 2) {
+        AmxBlock<2>(blk.nv - v, a, 16 * cp, 2 * cp, a_off.data(),
+                    taps * chunks, packed + blk.offset + 32 * v, 32,
+                    blk.nv * 64, blk.nv * 512, acc, 128, false);
+        StoreBlock(acc, out_row, blk.cols - 16 * v, y + blk.start + 16 * v,
+                   out_ch);
+      }
+    }
+    ReleaseTiles();
+  });
+}
+
 template <typename T, typename Out>
 void Conv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const void* w,
           bool w_f32, int64_t out_ch, bool transpose, Out* y) {
   const int64_t c = g.channels, cp = c + (c & 1), pairs = cp / 2;
   const int64_t hp = g.hp(), wp = g.wp(), ho = g.ho(), wo = g.wo();
   const int64_t taps = g.kh * g.kw;
+  // AMX takes the contracted axis 16 channel pairs at a time.
+  const bool amx = pairs % 16 == 0 && AmxSupported();
+  const int64_t slack = amx ? 32 : 0;  // positions AmxConv reads past xpad
 
-  // A: the bfloat16 input itself when no padding is needed.
+  // A: the bfloat16 input itself when no padding is needed (on AMX: nor
+  // positions past the end).
   const bf16* xs = reinterpret_cast<const bf16*>(x);
   std::unique_ptr<bf16[]> padded;
-  if (sizeof(T) != 2 || g.top || g.bottom || g.left || g.right || cp != c) {
-    padded = Scratch<bf16>(g.batch * hp * wp * cp);
+  if (sizeof(T) != 2 || g.top || g.bottom || g.left || g.right || cp != c ||
+      (amx && (taps > 1 || ho * wo % 32))) {
+    const int64_t size = g.batch * hp * wp * cp;
+    padded = Scratch<bf16>(size + slack * cp);
     Pad(pool, g, x, cp, padded.get());
+    std::memset(padded.get() + size, 0, slack * cp * sizeof(bf16));
     xs = padded.get();
   }
   std::vector<int64_t> seg(taps);
@@ -358,6 +533,11 @@ void Conv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const void* w,
   } else {
     PackKernel(pool, static_cast<const bf16*>(w), g, out_ch, transpose,
                blocks, packed.get());
+  }
+
+  if (amx) {
+    AmxConv(pool, g, xs, cp, seg.data(), blocks, packed.get(), out_ch, y);
+    return;
   }
 
   const int64_t pixels = g.batch * ho * wo;

@@ -34,6 +34,13 @@ SHAPES = [
     ((1, 4, 3, 3), (3, 3, 3, 1), ((1, 1), (1, 1))),
     ((4, 24, 96, 5), (3, 3, 5, 7), ((1, 1), (1, 1))),
     ((6, 18, 65, 33), (1, 1, 33, 70), ((0, 0), (0, 0))),
+    # Channel counts that are multiples of 32 (AMX where the CPU has it):
+    # widths that are not multiples of 16, padding columns in the tiles,
+    # a 3-channel output, a 1x1 on the input itself (32 pixels per image).
+    ((2, 5, 13, 32), (3, 3, 32, 64), ((1, 1), (1, 1))),
+    ((3, 7, 9, 96), (1, 1, 96, 32), ((0, 0), (0, 0))),
+    ((2, 6, 10, 64), (3, 3, 64, 3), ((0, 2), (1, 0))),
+    ((2, 8, 4, 32), (1, 1, 32, 96), ((0, 0), (0, 0))),
 ]
 
 
@@ -82,9 +89,13 @@ def test_a_stale_build_falls_back_to_xla(monkeypatch):
                                     ('float32', 'float32'),
                                     ('float32', 'bfloat16')])
 @pytest.mark.parametrize('x_shape, w_shape, padding', SHAPES)
-def test_kernels_match_xla(x_shape, w_shape, padding, dtypes):
+@pytest.mark.parametrize('amx', ['1', '0'])
+def test_kernels_match_xla(monkeypatch, x_shape, w_shape, padding, dtypes,
+                           amx):
   """Forward, input gradient (transpose_kernel) and weight gradient, for
-  each (operand dtype, output dtype)."""
+  each (operand dtype, output dtype), on AMX tiles where the CPU has them
+  and on AVX512-BF16 ones (DRDD_JAX_AMX=0)."""
+  monkeypatch.setenv('DRDD_JAX_AMX', amx)
   rng = np.random.default_rng(0)
   dtype, out_dtype = dtypes
   x, w = _random(rng, x_shape, dtype), _random(rng, w_shape, dtype, 0.1)
@@ -113,7 +124,7 @@ def test_kernels_match_xla(x_shape, w_shape, padding, dtypes):
 
 
 @needs_kernels
-@pytest.mark.parametrize('x_shape, w_shape, padding', SHAPES[6:] + [
+@pytest.mark.parametrize('x_shape, w_shape, padding', SHAPES[6:8] + [
     ((8, 64, 64, 64), (3, 3, 64, 64), ((1, 1), (1, 1)))])
 def test_weight_gradient_is_deterministic(x_shape, w_shape, padding):
   """Split over the pixels, the weight gradient's partial sums are added in
