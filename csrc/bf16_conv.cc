@@ -69,6 +69,7 @@ constexpr int kRows = 6;        // accumulator rows per tile
 constexpr int kCols = 64;       // accumulator columns per tile: 4 vectors
 constexpr int kTileGroup = 8;   // tiles of rows per task
 constexpr int64_t kAmxUnits = 4;  // AMX: blocks of 32 positions per task
+constexpr int64_t kAmxChunks = 64;  // AMX weight gradient: 32 positions each
 constexpr int kPairsPerBlock = 256;  // weight gradient: q per cache block
 constexpr int64_t kCachedB = 256 << 10;  // bytes of packed B that stay in L2
 // Weight gradient: the largest dw summed per worker (split over the
@@ -643,9 +644,88 @@ void WeightGradRows(const Geometry& g, const bf16* a, const int64_t* seg,
   }
 }
 
+// The weight gradient on AMX, as a product over the flat positions F = (b
+// hp + i) wp + j of the padded images: dw[(tap, k), o] = sum_F xt[k, F +
+// a wp + c] gq[F, o] for tap (a, c), with xt the padded input channel-major
+// (one row of positions per channel, zeros past the last image) and gq gy
+// at its pixels' positions and zero at the others (the padding rows and
+// columns), pair-interleaved as B. A task owns 32 channels x 32 columns of
+// dw for every tap (one sum per element, in a fixed order) and runs over
+// the positions in blocks of kAmxChunks x 32, whose xt and gq stay in cache
+// across the taps.
+template <typename TX, typename TG>
+void AmxWeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
+                   const TG* gy, int64_t out_ch, float* dw) {
+  const int64_t c = g.channels, hp = g.hp(), wp = g.wp(), ho = g.ho();
+  const int64_t wo = g.wo(), image = hp * wp, positions = g.batch * image;
+  const int64_t chunks = CeilDiv(positions, 32);  // of 32 positions
+  const int64_t stride =
+      CeilDiv(chunks * 32 + (g.kh - 1) * wp + g.kw - 1, 32) * 32;
+  auto xt = Scratch<bf16>(c * stride);
+  auto gq = Scratch<bf16>(chunks * 32 * out_ch);
+  // xt, kSpan positions per task: each pixel (or zeros) rounded to
+  // bfloat16, then transposed into the channels' rows.
+  constexpr int64_t kSpan = 64;
+  ParallelFor(pool, CeilDiv(stride, kSpan), [&](int64_t task) {
+    const int64_t f0 = task * kSpan, n = std::min(kSpan, stride - f0);
+    auto pixels = Scratch<bf16>(kSpan * c);
+    for (int64_t f = f0; f < f0 + n; ++f) {
+      const int64_t h = f % image / wp - g.top, w = f % wp - g.left;
+      bf16* dst = pixels.get() + (f - f0) * c;
+      if (f < positions && h >= 0 && h < g.height && w >= 0 && w < g.width) {
+        ToBf16(x + ((f / image * g.height + h) * g.width + w) * c, c, dst);
+      } else {
+        std::memset(dst, 0, c * sizeof(bf16));
+      }
+    }
+    for (int64_t k = 0; k < c; ++k) {
+      bf16* dst = xt.get() + k * stride + f0;
+      for (int64_t j = 0; j < n; ++j) dst[j] = pixels[j * c + k];
+    }
+  });
+  // gq, kSpan pairs of positions per task.
+  auto output_pixel = [&](int64_t f) -> const TG* {
+    const int64_t i = f % image / wp, j = f % wp;
+    return f < positions && i < ho && j < wo
+               ? gy + ((f / image * ho + i) * wo + j) * out_ch
+               : nullptr;
+  };
+  ParallelFor(pool, CeilDiv(chunks * 16, kSpan), [&](int64_t task) {
+    const int64_t p1 = std::min(chunks * 16, (task + 1) * kSpan);
+    for (int64_t p = task * kSpan; p < p1; ++p) {
+      Interleave(output_pixel(2 * p), output_pixel(2 * p + 1), out_ch,
+                 gq.get() + p * out_ch * 2);
+    }
+  });
+  std::vector<int64_t> a_off(kAmxChunks);
+  for (int64_t s = 0; s < kAmxChunks; ++s) a_off[s] = 32 * s;
+  const int64_t units = CeilDiv(out_ch, 32);
+  ParallelFor(pool, c / 32 * units, [&](int64_t task) {
+    const int64_t k0 = task / units * 32, o0 = task % units * 32;
+    const int nb = static_cast<int>(std::min<int64_t>(2, (out_ch - o0) / 16));
+    ConfigureTiles();
+    for (int64_t q0 = 0; q0 < chunks; q0 += kAmxChunks) {
+      const int64_t steps = std::min(kAmxChunks, chunks - q0);
+      for (int64_t t = 0; t < g.kh * g.kw; ++t) {
+        const int64_t shift = t / g.kw * wp + t % g.kw;
+        AmxBlock<2>(nb, xt.get() + k0 * stride + 32 * q0 + shift,
+                    16 * stride, stride * 2, a_off.data(), steps,
+                    gq.get() + (32 * q0 * out_ch + 2 * o0), 32, out_ch * 4,
+                    32 * out_ch, dw + (t * c + k0) * out_ch + o0, out_ch * 4,
+                    q0 > 0);
+      }
+    }
+    ReleaseTiles();
+  });
+}
+
 template <typename TX, typename TG>
 void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
                 const TG* gy, int64_t out_ch, float* dw) {
+  if (g.channels % 32 == 0 && out_ch % 16 == 0 && AmxSupported()) {
+    AmxWeightGrad(pool, g, x, gy, out_ch, dw);
+    return;
+  }
   const int64_t c = g.channels, hp = g.hp(), wp = g.wp();
   const int64_t ho = g.ho(), wo = g.wo(), wo2 = CeilDiv(wo, 2);
   const int64_t rows_total = g.kh * g.kw * c, size = rows_total * out_ch;
