@@ -906,3 +906,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DrddBf16ConvWeightGrad, WeightGradImpl,
 
 // 1 where this CPU runs the handlers (checked by drdd_jax.bf16_conv).
 extern "C" int DrddBf16ConvSupported() { return CpuSupported() ? 1 : 0; }
+
+// 1 where the convolutions run on AMX tiles (channel counts permitting).
+extern "C" int DrddBf16ConvAmx() {
+  return CpuSupported() && AmxSupported() ? 1 : 0;
+}

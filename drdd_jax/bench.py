@@ -28,7 +28,8 @@ for CPU with XLA's convolutions, so it is the same number on every backend:
 accelerator compilers hide convolutions in library calls, and `bf16_conv` in
 custom calls, that cost analysis does not count). Records say which compute
 dtype and convolution precision they measured (`compute_dtype`,
-`conv_precision`) and whether `bf16_conv`'s kernels ran (`bf16_conv`).
+`conv_precision`), whether `bf16_conv`'s kernels ran (`bf16_conv`) and on
+AMX tiles (`amx`).
 On an accelerator whose bf16 dense peak is known (`PEAK_BF16_TFLOPS`),
 `model_flops_utilization` is the achieved FLOP/s over that peak.
 
@@ -116,14 +117,14 @@ def _xla_convs():
 
 def _dtype_fields(config) -> dict:
   """The record's compute dtype, convolution precision, and whether
-  `bf16_conv`'s kernels ran."""
+  `bf16_conv`'s kernels ran, on AMX tiles or not."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from drdd_jax import bf16_conv, train  # pylint: disable=g-import-not-at-top
   dtype, precision = train.compute_dtype(config), train.conv_precision(config)
+  kernels = bool(jnp.bfloat16 in (dtype, precision) and bf16_conv.enabled())
   return dict(compute_dtype=dtype.name,
               conv_precision=precision.name if precision else 'default',
-              bf16_conv=bool(jnp.bfloat16 in (dtype, precision)
-                             and bf16_conv.enabled()))
+              bf16_conv=kernels, amx=kernels and bf16_conv.amx())
 
 
 def _cpu_s() -> float:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _DISABLED = []  # `disabled()` contexts entered
+_SYMBOLS = ('DrddBf16ConvSupported', 'DrddBf16ConvAmx')  # plain C functions
 _TARGETS = {'drdd_bf16_conv': 'DrddBf16Conv',
             'drdd_bf16_conv_wgrad': 'DrddBf16ConvWeightGrad',
             'drdd_la_context': 'DrddLinearAttentionContext',
@@ -43,7 +44,8 @@ def _library():
   if not found:
     return None
   lib = ctypes.CDLL(found[0])
-  missing = [s for s in _TARGETS.values() if not hasattr(lib, s)]
+  missing = [s for s in (*_SYMBOLS, *_TARGETS.values())
+             if not hasattr(lib, s)]
   if missing:  # Built from older sources: XLA's ops instead.
     warnings.warn(f'{found[0]} lacks {missing}: built from older sources '
                   '(`pip install -e .` rebuilds it); using XLA\'s ops.')
@@ -59,6 +61,14 @@ def _library():
 def available() -> bool:
   """Whether the library is built and this CPU has AVX512-BF16."""
   return _library() is not None
+
+
+def amx() -> bool:
+  """Whether the convolutions run on AMX tiles (Intel Sapphire Rapids and
+  later; those whose channel counts are multiples of 32, the others on
+  AVX512-BF16). `DRDD_JAX_AMX=0` keeps them all on AVX512-BF16."""
+  lib = _library()
+  return bool(lib is not None and lib.DrddBf16ConvAmx())
 
 
 def enabled() -> bool:

@@ -1,6 +1,8 @@
 """bf16_conv's kernels against XLA's convolutions, alone and in the network.
 
-The kernels run where the library is built and the CPU has AVX512-BF16;
+The kernels run where the library is built and the CPU has AVX512-BF16
+(convolutions on AMX tiles where it also has AMX, and on AVX512-BF16 ones
+with DRDD_JAX_AMX=0: both are tested);
 elsewhere `available()` is False, those tests skip, and `unet.conv`'s
 bfloat16 convolutions are XLA's (tested here against the kernels, and
 everywhere on their own).
@@ -75,6 +77,15 @@ def test_available_matches_the_cpu():
     assert 'avx512_bf16' in flags
   with bf16_conv.disabled():
     assert not bf16_conv.enabled()
+
+
+@needs_kernels
+def test_amx_follows_the_cpu_and_the_environment(monkeypatch):
+  """AMX tiles where the CPU (and Linux) has them, unless DRDD_JAX_AMX=0."""
+  flags = open('/proc/cpuinfo').read().split()
+  assert bf16_conv.amx() == ('amx_bf16' in flags and 'amx_tile' in flags)
+  monkeypatch.setenv('DRDD_JAX_AMX', '0')
+  assert not bf16_conv.amx()
 
 
 def test_a_stale_build_falls_back_to_xla(monkeypatch):
