@@ -31,6 +31,10 @@
 // packed for all of q. Every sum runs in an order fixed by the shapes and
 // the pool's size, not by which thread took which task: a call returns the
 // same bits every time.
+// On CPUs with AMX (AmxSupported()), products whose contracted channels
+// come in multiples of 32 run on AMX tiles instead (AmxConv, AmxWeightGrad:
+// 32 x 32 blocks of TDPBF16PS over flat positions of the padded image); the
+// rest (the network's 3- and 6-channel ends) stay on the tiles above.
 // Work is split into tasks over XLA's intra-op thread pool; the caller works
 // too, so a call never waits for a pool thread that is busy elsewhere.
 

@@ -3,9 +3,10 @@
 XLA:CPU computes bfloat16 convolutions by converting them to float32: no
 faster than float32 convolutions. `csrc/bf16_conv.cc` computes them with
 the CPU's bfloat16 dot product instruction (VDPBF16PS: twice the arithmetic
-of a float32 FMA), as XLA FFI custom calls: the convolution (also its input
-gradient) and its weight gradient, on float32 or bfloat16 operands rounded
-to bfloat16, with float32 sums. The same library holds the linear
+of a float32 FMA), or where the CPU has AMX (Intel Sapphire Rapids and
+later) its tile product (TDPBF16PS), as XLA FFI custom calls: the
+convolution (also its input gradient) and its weight gradient, on float32
+or bfloat16 operands rounded to bfloat16, with float32 sums. The same library holds the linear
 attention's two softmax products and their gradients in float32
 (`csrc/linear_attention.cc`) and GroupNorm + SiLU's gradient
 (`csrc/group_norm.cc`). `pip install` builds it as `drdd_jax/_bf16_conv*.so`
