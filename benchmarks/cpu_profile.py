@@ -45,18 +45,28 @@ KINDS = [
 ]
 
 
-def by_kind(samples: str):
-  """{kind: percent of samples} from `perf script -F ip,sym,dso` lines
-  ("IP SYMBOL (DSO)")."""
-  count = collections.Counter()
+def _entries(samples: str):
+  """"DSO SYMBOL" per `perf script -F ip,sym,dso` line ("IP SYMBOL (DSO)")."""
   for line in samples.splitlines():
     m = re.match(r'\s*[0-9a-f]+ (.*) \((.*)\)$', line)
-    if not m:
-      continue
-    entry = f'{os.path.basename(m.group(2))} {m.group(1)}'
-    count[next((k for k, rx in KINDS if re.search(rx, entry)), 'other')] += 1
+    if m:
+      yield f'{os.path.basename(m.group(2))} {m.group(1)}'
+
+
+def by_kind(samples: str):
+  """{kind: percent of samples} from `perf script -F ip,sym,dso` lines."""
+  count = collections.Counter(
+      next((k for k, rx in KINDS if re.search(rx, entry)), 'other')
+      for entry in _entries(samples))
   total = max(1, sum(count.values()))
   return {k: round(100 * count[k] / total, 1) for k, _ in KINDS + [('other', '')]}
+
+
+def top_symbols(samples: str, n: int):
+  """The n most sampled "DSO SYMBOL" entries, with their percent."""
+  count = collections.Counter(_entries(samples))
+  total = max(1, sum(count.values()))
+  return [(e, round(100 * c / total, 1)) for e, c in count.most_common(n)]
 
 
 def main():
@@ -65,6 +75,8 @@ def main():
   parser.add_argument('--what', default='train',
                       help="'train' or an image size for the sampler")
   parser.add_argument('--seconds', type=float, default=15)
+  parser.add_argument('--symbols', type=int, default=0,
+                      help='also print the N most sampled symbols')
   args = parser.parse_args()
   config = ab.aio5_config()
   call, = (ab.train_calls(config, None) if args.what == 'train'
@@ -86,6 +98,8 @@ def main():
         ['perf', 'script', '-i', data, '-F', 'ip,sym,dso'],
         capture_output=True, text=True, check=True).stdout
   shares = by_kind(samples)
+  for entry, percent in top_symbols(samples, args.symbols):
+    print(f'{percent:5.1f} %  {entry[:150]}')
   for kind, percent in shares.items():
     print(f'{kind:34s} {percent:5.1f} %')
   print(json.dumps(dict(what=args.what, calls=calls, seconds=args.seconds,

@@ -190,7 +190,7 @@ def test_cpu_profile_sorts_samples_by_kernel_kind():
   so = '/x/drdd_jax/_bf16_conv.cpython-311-x86_64-linux-gnu.so'
   lines = [
       f'  7f01 (anonymous namespace)::Tile<6, 4, false, unsigned short> ({so})',
-      f'  7f02 (anonymous namespace)::Tile<6, 4, true, float> ({so})',
+      f'  7f02 (anonymous namespace)::AmxBlock<2, 2> ({so})',
       f'  7f03 (anonymous namespace)::Interleave<float> ({so})',
       f'  7f04 (anonymous namespace)::HeadSoftmax ({so})',
       f'  7f05 (anonymous namespace)::Grad<float>(xla::ffi::ThreadPool&, '
@@ -211,3 +211,5 @@ def test_cpu_profile_sorts_samples_by_kernel_kind():
   assert shares["XLA's generated code"] == 20.0
   assert shares['libc'] == shares['libjax_common.so'] == 10.0
   assert sum(shares.values()) == pytest.approx(100)
+  assert cpu_profile.top_symbols('\n'.join(lines), 1) == [
+      ('perf-8007.map [unknown]', 20.0)]
