@@ -516,7 +516,7 @@ void Conv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const void* w,
   // A: the bfloat16 input itself when no padding is needed (on AMX: nor
   // positions past the end).
   const bf16* xs = reinterpret_cast<const bf16*>(x);
-  std::unique_ptr<bf16[]> padded;
+  drdd::ScratchPtr<bf16> padded;
   if (sizeof(T) != 2 || g.top || g.bottom || g.left || g.right || cp != c ||
       (amx && (taps > 1 || ho * wo % 32))) {
     const int64_t size = g.batch * hp * wp * cp;
