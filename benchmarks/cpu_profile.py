@@ -33,7 +33,7 @@ KINDS = [
     ('conv tiles', r'_bf16_conv.* \S*(Tile|AmxBlock)<'),
     ('conv packing, padding, rounding', r'_bf16_conv.* \S*(Interleave|ToBf16'
      r'|Pad|PackKernel|PairRows|PackGradRows|WeightGradRows|FirstLanes'
-     r'|StoreBlock)'),
+     r'|StoreBlock|AmxWeightGrad)'),
     ('linear attention kernels', r'_bf16_conv.* \S*(Context|Output|HeadSoftmax'
      r'|ColumnMaxima|RowsTimes|TransposeTimes)'),
     ('GroupNorm gradient kernels', r'_bf16_conv.* \S*(SumsBlock|Sums<|[^t]Grad<)'),

@@ -73,7 +73,7 @@ constexpr int kRows = 6;        // accumulator rows per tile
 constexpr int kCols = 64;       // accumulator columns per tile: 4 vectors
 constexpr int kTileGroup = 8;   // tiles of rows per task
 constexpr int64_t kAmxUnits = 4;  // AMX: blocks of 32 positions per task
-constexpr int64_t kAmxChunks = 64;  // AMX weight gradient: 32 positions each
+constexpr int64_t kAmxChunks = 64;  // AMX weight gradient: 32-position steps per block
 constexpr int kPairsPerBlock = 256;  // weight gradient: q per cache block
 constexpr int64_t kCachedB = 256 << 10;  // bytes of packed B that stay in L2
 // Weight gradient: the largest dw summed per worker (split over the
@@ -259,13 +259,13 @@ alignas(64) constexpr uint8_t kTileConfig[64] = {
 
 DRDD_AMX void ConfigureTiles() { _tile_loadconfig(kTileConfig); }
 
-// C (+)= sum_{s < steps} A_s B_s for a 16 NA x 16 NB block of float32 C
-// (rows c_ld bytes apart; loaded first when `accumulate`, else zero). A_s
-// is 16 NA rows of 16 pairs at a + a_off[s] (rows a_ld bytes apart, the
-// second tile a_next elements after the first), B_s 16 pairs x 16 NB
-// columns at b + s * b_step (rows b_ld bytes apart, the second tile b_next
-// elements after the first). The tiles must be configured.
-template <int NA, int NB>
+// C (+)= sum_{s < steps} A_s B_s for a 32 x 16 NB block of float32 C (rows
+// c_ld bytes apart; loaded first when `accumulate`, else zero). A_s is two
+// tiles of 16 rows x 16 pairs, at a + a_off[s] and a_next elements after
+// it (rows a_ld bytes apart), B_s 16 pairs x 16 NB columns at b + s *
+// b_step (rows b_ld bytes apart, the second tile b_next elements after the
+// first). The tiles must be configured.
+template <int NB>
 DRDD_AMX void AmxBlock(const bf16* a, int64_t a_next, int64_t a_ld,
                        const int64_t* a_off, int64_t steps, const bf16* b,
                        int64_t b_next, int64_t b_ld, int64_t b_step, float* c,
@@ -273,40 +273,40 @@ DRDD_AMX void AmxBlock(const bf16* a, int64_t a_next, int64_t a_ld,
   float* c1 = reinterpret_cast<float*>(reinterpret_cast<char*>(c) + 16 * c_ld);
   if (accumulate) {
     _tile_loadd(0, c, c_ld);
+    _tile_loadd(2, c1, c_ld);
     if constexpr (NB > 1) _tile_loadd(1, c + 16, c_ld);
-    if constexpr (NA > 1) _tile_loadd(2, c1, c_ld);
-    if constexpr (NA > 1 && NB > 1) _tile_loadd(3, c1 + 16, c_ld);
+    if constexpr (NB > 1) _tile_loadd(3, c1 + 16, c_ld);
   } else {
     _tile_zero(0);
+    _tile_zero(2);
     if constexpr (NB > 1) _tile_zero(1);
-    if constexpr (NA > 1) _tile_zero(2);
-    if constexpr (NA > 1 && NB > 1) _tile_zero(3);
+    if constexpr (NB > 1) _tile_zero(3);
   }
   for (int64_t s = 0; s < steps; ++s, b += b_step) {
     const bf16* as = a + a_off[s];
     _tile_loadd(4, as, a_ld);
-    if constexpr (NA > 1) _tile_loadd(5, as + a_next, a_ld);
+    _tile_loadd(5, as + a_next, a_ld);
     _tile_loadd(6, b, b_ld);
     if constexpr (NB > 1) _tile_loadd(7, b + b_next, b_ld);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
     if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (NA > 1) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (NA > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+    if constexpr (NB > 1) _tile_dpbf16ps(3, 5, 7);
   }
   _tile_stored(0, c, c_ld);
+  _tile_stored(2, c1, c_ld);
   if constexpr (NB > 1) _tile_stored(1, c + 16, c_ld);
-  if constexpr (NA > 1) _tile_stored(2, c1, c_ld);
-  if constexpr (NA > 1 && NB > 1) _tile_stored(3, c1 + 16, c_ld);
+  if constexpr (NB > 1) _tile_stored(3, c1 + 16, c_ld);
 }
 
-template <int NA>
+// AmxBlock<NB> for nb >= 2 or 1.
 DRDD_AMX void AmxBlock(int nb, const bf16* a, int64_t a_next, int64_t a_ld,
                        const int64_t* a_off, int64_t steps, const bf16* b,
                        int64_t b_next, int64_t b_ld, int64_t b_step, float* c,
                        int64_t c_ld, bool accumulate) {
-  (nb > 1 ? AmxBlock<NA, 2> : AmxBlock<NA, 1>)(
-      a, a_next, a_ld, a_off, steps, b, b_next, b_ld, b_step, c, c_ld,
-      accumulate);
+  (nb > 1 ? AmxBlock<2> : AmxBlock<1>)(a, a_next, a_ld, a_off, steps, b,
+                                       b_next, b_ld, b_step, c, c_ld,
+                                       accumulate);
 }
 
 DRDD_AMX void ReleaseTiles() { _tile_release(); }
@@ -492,7 +492,7 @@ void AmxConv(ffi::ThreadPool& pool, const Geometry& g, const bf16* xs,
       }
       const bf16* a = xs + (b * hp * wp + f0) * cp;
       for (int v = 0; v < blk.nv; v += 2) {
-        AmxBlock<2>(blk.nv - v, a, 16 * cp, 2 * cp, a_off.data(),
+        AmxBlock(blk.nv - v, a, 16 * cp, 2 * cp, a_off.data(),
                     taps * chunks, packed + blk.offset + 32 * v, 32,
                     blk.nv * 64, blk.nv * 512, acc, 128, false);
         StoreBlock(acc, out_row, blk.cols - 16 * v, y + blk.start + 16 * v,
@@ -712,7 +712,7 @@ void AmxWeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
       const int64_t steps = std::min(kAmxChunks, chunks - q0);
       for (int64_t t = 0; t < g.kh * g.kw; ++t) {
         const int64_t shift = t / g.kw * wp + t % g.kw;
-        AmxBlock<2>(nb, xt.get() + k0 * stride + 32 * q0 + shift,
+        AmxBlock(nb, xt.get() + k0 * stride + 32 * q0 + shift,
                     16 * stride, stride * 2, a_off.data(), steps,
                     gq.get() + (32 * q0 * out_ch + 2 * o0), 32, out_ch * 4,
                     32 * out_ch, dw + (t * c + k0) * out_ch + o0, out_ch * 4,
