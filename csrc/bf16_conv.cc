@@ -668,14 +668,17 @@ void AmxWeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
   auto xt = Scratch<bf16>(c * stride);
   auto gq = Scratch<bf16>(chunks * 32 * out_ch);
   // xt, kSpan positions per task: each pixel (or zeros) rounded to
-  // bfloat16, then transposed into the channels' rows.
+  // bfloat16 into the worker's buffer, then transposed into the channels'
+  // rows.
   constexpr int64_t kSpan = 64;
-  ParallelFor(pool, CeilDiv(stride, kSpan), [&](int64_t task) {
+  const int64_t spans = CeilDiv(stride, kSpan);
+  auto pixel_buf = Scratch<bf16>(Workers(pool, spans) * kSpan * c);
+  ParallelForWorkers(pool, spans, [&](int64_t task, int64_t worker) {
     const int64_t f0 = task * kSpan, n = std::min(kSpan, stride - f0);
-    auto pixels = Scratch<bf16>(kSpan * c);
+    bf16* pixels = pixel_buf.get() + worker * kSpan * c;
     for (int64_t f = f0; f < f0 + n; ++f) {
       const int64_t h = f % image / wp - g.top, w = f % wp - g.left;
-      bf16* dst = pixels.get() + (f - f0) * c;
+      bf16* dst = pixels + (f - f0) * c;
       if (f < positions && h >= 0 && h < g.height && w >= 0 && w < g.width) {
         ToBf16(x + ((f / image * g.height + h) * g.width + w) * c, c, dst);
       } else {
