@@ -73,7 +73,8 @@ constexpr int kRows = 6;        // accumulator rows per tile
 constexpr int kCols = 64;       // accumulator columns per tile: 4 vectors
 constexpr int kTileGroup = 8;   // tiles of rows per task
 constexpr int64_t kAmxUnits = 4;  // AMX: blocks of 32 positions per task
-constexpr int64_t kAmxChunks = 64;  // AMX weight gradient: 32-position steps per block
+// AMX weight gradient: steps of 32 positions per block.
+constexpr int64_t kAmxChunks = 64;
 constexpr int kPairsPerBlock = 256;  // weight gradient: q per cache block
 constexpr int64_t kCachedB = 256 << 10;  // bytes of packed B that stay in L2
 // Weight gradient: the largest dw summed per worker (split over the
@@ -493,8 +494,8 @@ void AmxConv(ffi::ThreadPool& pool, const Geometry& g, const bf16* xs,
       const bf16* a = xs + (b * hp * wp + f0) * cp;
       for (int v = 0; v < blk.nv; v += 2) {
         AmxBlock(blk.nv - v, a, 16 * cp, 2 * cp, a_off.data(),
-                    taps * chunks, packed + blk.offset + 32 * v, 32,
-                    blk.nv * 64, blk.nv * 512, acc, 128, false);
+                 taps * chunks, packed + blk.offset + 32 * v, 32,
+                 blk.nv * 64, blk.nv * 512, acc, 128, false);
         StoreBlock(acc, out_row, blk.cols - 16 * v, y + blk.start + 16 * v,
                    out_ch);
       }
@@ -716,10 +717,10 @@ void AmxWeightGrad(ffi::ThreadPool& pool, const Geometry& g, const TX* x,
       for (int64_t t = 0; t < g.kh * g.kw; ++t) {
         const int64_t shift = t / g.kw * wp + t % g.kw;
         AmxBlock(nb, xt.get() + k0 * stride + 32 * q0 + shift,
-                    16 * stride, stride * 2, a_off.data(), steps,
-                    gq.get() + (32 * q0 * out_ch + 2 * o0), 32, out_ch * 4,
-                    32 * out_ch, dw + (t * c + k0) * out_ch + o0, out_ch * 4,
-                    q0 > 0);
+                 16 * stride, stride * 2, a_off.data(), steps,
+                 gq.get() + (32 * q0 * out_ch + 2 * o0), 32, out_ch * 4,
+                 32 * out_ch, dw + (t * c + k0) * out_ch + o0, out_ch * 4,
+                 q0 > 0);
       }
     }
     ReleaseTiles();

@@ -6,10 +6,11 @@ the CPU's bfloat16 dot product instruction (VDPBF16PS: twice the arithmetic
 of a float32 FMA), or where the CPU has AMX (Intel Sapphire Rapids and
 later) its tile product (TDPBF16PS), as XLA FFI custom calls: the
 convolution (also its input gradient) and its weight gradient, on float32
-or bfloat16 operands rounded to bfloat16, with float32 sums. The same library holds the linear
-attention's two softmax products and their gradients in float32
-(`csrc/linear_attention.cc`) and GroupNorm + SiLU's gradient
-(`csrc/group_norm.cc`). `pip install` builds it as `drdd_jax/_bf16_conv*.so`
+or bfloat16 operands rounded to bfloat16, with float32 sums. The same
+library holds the linear attention's two softmax products and their
+gradients in float32 (`csrc/linear_attention.cc`) and GroupNorm + SiLU's
+gradient (`csrc/group_norm.cc`). `pip install` builds it as
+`drdd_jax/_bf16_conv*.so`
 where a C++ compiler is found; where `enabled()`, `unet.conv` runs its
 bfloat16 convolutions on it, `unet.LinearAttention` its softmax products
 and `unet.GroupNorm` its gradient. Every kernel sums in a fixed order: a

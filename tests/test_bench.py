@@ -190,7 +190,7 @@ def test_cpu_profile_sorts_samples_by_kernel_kind():
   so = '/x/drdd_jax/_bf16_conv.cpython-311-x86_64-linux-gnu.so'
   lines = [
       f'  7f01 (anonymous namespace)::Tile<6, 4, false, unsigned short> ({so})',
-      f'  7f02 (anonymous namespace)::AmxBlock<2, 2> ({so})',
+      f'  7f02 (anonymous namespace)::AmxBlock<2> ({so})',
       f'  7f03 (anonymous namespace)::Interleave<float> ({so})',
       f'  7f04 (anonymous namespace)::HeadSoftmax ({so})',
       f'  7f05 (anonymous namespace)::Grad<float>(xla::ffi::ThreadPool&, '
